@@ -1,0 +1,46 @@
+# One entry point for a fresh machine: `make demo` and `make test` create .venv and
+# install the pinned dependencies (constraints.txt) on first use.
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PIP_VERSION := 26.3
+EXTRAS ?= operator,train,test
+comma  := ,
+STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+
+.PHONY: help install demo test test-fast gpu-smoke crd check-crd clean
+
+help:
+	@echo "make demo       run the tiny CPU example end to end on this machine"
+	@echo "make test       run the whole test suite (CPU, no downloads)"
+	@echo "make gpu-smoke  run the tests marked gpu (needs a CUDA accelerator)"
+	@echo "make crd        regenerate crds/visionr1run.yaml from the pydantic API"
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check "pip==$(PIP_VERSION)"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+demo: install
+	$(BIN)/visionr1 validate examples/tiny-cpu.yaml
+	$(BIN)/visionr1 plan examples/tiny-cpu.yaml
+
+test: install
+	$(BIN)/python -m pytest -n 2 -m "not gpu"
+
+test-fast: install
+	$(BIN)/python -m pytest -x -q -m "not gpu and not slow"
+
+gpu-smoke:
+	$(MAKE) install EXTRAS=operator,train,test,gpu
+	$(BIN)/python -m pytest -m gpu -v
+
+crd: install
+	$(BIN)/visionr1 crd > crds/visionr1run.yaml
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
