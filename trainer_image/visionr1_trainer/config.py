@@ -1,0 +1,798 @@
+"""Stage configs: the one schema both sides of the product share.
+
+The operator (or the local executor) renders one of the ``*StageConfig`` models below
+as JSON for each stage; the stage's entrypoint (``python -m visionr1_trainer <stage>
+--config stage.json``) validates the same JSON with the same model. The settings
+models (``SFTSettings``, ``GRPOSettings``...) are also what ``visionr1_operator.api``
+composes into the ``VisionR1Run`` spec, so a field and its description live in one
+place, and the CRD is generated from them.
+
+Pydantic only: this module must import without torch (the operator imports it).
+Field names are camelCase on the wire (the Kubernetes convention) and snake_case in
+Python; unknown fields are errors, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal, Union
+
+from pydantic import (
+    AfterValidator,
+    GetJsonSchemaHandler,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+# --- shared building blocks -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CelRule:
+    """A cross-field rule the API server enforces (CRD ``x-kubernetes-validations``).
+
+    Each one mirrors a pydantic validator on the same model, so ``kubectl apply`` and
+    ``visionr1 validate`` reject the same manifests.
+    """
+
+    rule: str
+    message: str
+    field_path: str | None = None
+
+    def to_schema(self) -> dict[str, str]:
+        out = {"rule": self.rule, "message": self.message}
+        if self.field_path:
+            out["fieldPath"] = self.field_path
+        return out
+
+
+# Keyword arguments for validating a document from outside (a manifest, a stage
+# config file): camelCase only, as the API server would accept it.
+WIRE = {"by_alias": True, "by_name": False}
+
+
+class Schema(BaseModel):
+    """Base of every config model: camelCase aliases, unknown fields rejected."""
+
+    # CEL rules of this model, emitted into its JSON schema (and so the CRD).
+    cel_rules: ClassVar[tuple[CelRule, ...]] = ()
+
+    model_config = ConfigDict(
+        extra="forbid",
+        alias_generator=to_camel,
+        validate_by_alias=True,
+        # Python code may build models by field name; documents (manifests, stage
+        # configs) are validated with by_name=False (see WIRE) so that they use the
+        # camelCase names the CRD documents, and nothing else.
+        validate_by_name=True,
+        serialize_by_alias=True,
+        validate_default=True,
+    )
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema, handler: GetJsonSchemaHandler):
+        json_schema = handler(core_schema)
+        rules = [r for klass in reversed(cls.__mro__) for r in vars(klass).get("cel_rules", ())]
+        if rules:
+            target = handler.resolve_ref_schema(json_schema)
+            target["x-kubernetes-validations"] = [r.to_schema() for r in rules]
+        return json_schema
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The wire form: camelCase keys, JSON types, defaults included."""
+        return self.model_dump(mode="json", by_alias=True)
+
+
+# A Kubernetes object name (RFC 1123 subdomain), used for Secrets, PVCs, classes.
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+# A Kubernetes label-value-safe name (RFC 1123 label): stage names, benchmark names.
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# Where artifacts may live: S3 (or an S3-compatible store), a mounted PVC, or a
+# local directory (local runs only).
+STORAGE_URI = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|file://.+)$"
+# A model or data source: a hub id (org/name), or one of the storage URIs above.
+HUB_ID = r"[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?"
+SOURCE = rf"^({HUB_ID}|s3://\S+|pvc://\S+|file://\S+|/\S*)$"
+HTTP_URL = r"^https?://[^\s/]+(/\S*)?$"
+
+_QUANTITY_RE = re.compile(
+    r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)"
+    r"(Ki|Mi|Gi|Ti|Pi|Ei|m|k|M|G|T|P|E|[eE][+-]?[0-9]+)?$"
+)
+# The same rule as a JSON-schema pattern, for the CRD.
+QUANTITY_PATTERN = _QUANTITY_RE.pattern
+
+
+def _quantity(value: Any) -> str:
+    """Accept a Kubernetes resource quantity (``"16Gi"``, ``"500m"``, ``8``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"expected a Kubernetes quantity such as '16Gi' or '500m', got {value!r}")
+    text = str(value)
+    if not _QUANTITY_RE.match(text):
+        raise ValueError(
+            f"{text!r} is not a Kubernetes quantity (examples: '64Gi', '500m', '8', '1.5')"
+        )
+    return text
+
+
+Quantity = Annotated[
+    str,
+    BeforeValidator(_quantity),
+    # In the CRD: the structural form of Kubernetes' int-or-string quantities.
+    WithJsonSchema({
+        "x-kubernetes-int-or-string": True,
+        "anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": QUANTITY_PATTERN}],
+    }),
+]
+
+
+def _no_secret_literal(value: str) -> str:
+    # Secret values never belong in a spec: it lands in etcd, in kubectl get -o yaml,
+    # in GitOps repos. Catch the common mistake of pasting a key instead of a name.
+    if re.match(r"^(sk-|hf_|AKIA|ghp_)", value):
+        raise ValueError("looks like a secret value; give the name of a Secret that holds it")
+    return value
+
+
+class SecretKeyRef(Schema):
+    """A key inside a Kubernetes Secret in the run's namespace."""
+
+    name: str = Field(
+        max_length=253,
+        pattern=DNS_SUBDOMAIN,
+        description="Name of the Secret (in the run's namespace).",
+    )
+    key: str = Field(
+        default="token",
+        max_length=253,
+        pattern=r"^[-._a-zA-Z0-9]+$",
+        description="Key within the Secret whose value is used.",
+    )
+
+
+class ModelSpec(Schema):
+    """The model a stage starts from."""
+
+    name: Annotated[str, AfterValidator(_no_secret_literal)] = Field(
+        min_length=1,
+        max_length=1024,
+        pattern=SOURCE,
+        description=(
+            "Base model: a hub id (Qwen/Qwen2.5-VL-7B-Instruct) or a storage URI "
+            "(s3://, pvc://, file://) of a saved model directory."
+        ),
+    )
+    revision: str | None = Field(
+        default=None, max_length=255, description="Hub revision (branch, tag or commit)."
+    )
+    token_secret: SecretKeyRef | None = Field(
+        default=None,
+        description="Secret key holding a hub access token, exposed to stages as HF_TOKEN.",
+    )
+    processor: str | None = Field(
+        default=None,
+        max_length=1024,
+        pattern=SOURCE,
+        description="Processor/tokenizer source when it differs from the model's.",
+    )
+    dtype: Literal["bfloat16", "float16", "float32", "auto"] = Field(
+        default="bfloat16", description="Weights dtype for training and generation."
+    )
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = Field(
+        default="sdpa", description="Attention kernel passed to transformers."
+    )
+
+
+class StorageSpec(Schema):
+    """Where every stage's artifacts live: <uri>/<namespace>/<run>/<stage>/."""
+
+    uri: str = Field(
+        max_length=1024,
+        pattern=STORAGE_URI,
+        description=(
+            "Artifact root: s3://bucket/prefix, pvc://claim/path (mounted into every "
+            "stage pod), or file:///path for local runs."
+        ),
+    )
+    credentials_secret: str | None = Field(
+        default=None,
+        max_length=253,
+        pattern=DNS_SUBDOMAIN,
+        description=(
+            "Name of a Secret whose keys (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+            "optional AWS_SESSION_TOKEN) are given to stage pods as environment. "
+            "Secret values are never accepted in the spec."
+        ),
+    )
+    endpoint: str | None = Field(
+        default=None,
+        max_length=1024,
+        pattern=HTTP_URL,
+        description="S3 endpoint URL for S3-compatible stores (MinIO, Ceph, R2...).",
+    )
+    region: str | None = Field(
+        default=None, max_length=64, pattern=r"^[a-z0-9-]+$", description="S3 region."
+    )
+
+    @property
+    def scheme(self) -> str:
+        return self.uri.split("://", 1)[0]
+
+
+class DatasetRef(Schema):
+    """A data set: hub name, local path (parquet, jsonl, json) or storage URI."""
+
+    source: str = Field(
+        min_length=1,
+        max_length=1024,
+        pattern=SOURCE,
+        description="Hub data set name, or a path/URI to parquet, jsonl or json files.",
+    )
+    subset: str | None = Field(
+        default=None, max_length=255, description="Hub configuration name, if any."
+    )
+    split: str = Field(
+        default="train", min_length=1, max_length=255, description="Split to read."
+    )
+    field_map: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "Rename map from this data set's column names to the ones the stage expects "
+            "(for example {image: img, question: query, answer: label})."
+        ),
+    )
+    limit: int | None = Field(
+        default=None, ge=1, description="Read at most this many rows (after shuffling off)."
+    )
+
+
+# --- stage settings (what the trainer needs; the CRD documents them) -------------
+
+Backend = Literal["vllm", "openai", "hf", "rule"]
+
+
+class GeneratorSpec(Schema):
+    """A model that generates text for the bridge stage, and how to reach it."""
+
+    backend: Backend = Field(
+        description=(
+            "vllm: offline engine on the stage's GPUs; openai: any OpenAI-compatible "
+            "endpoint; hf: transformers (CPU or GPU); rule: the rule-based teacher for "
+            "the synthetic task family (local demo only)."
+        ),
+    )
+    model: str | None = Field(
+        default=None,
+        max_length=1024,
+        pattern=SOURCE,
+        description="Model id or URI; for openai, the model name the endpoint serves.",
+    )
+    endpoint: str | None = Field(
+        default=None,
+        max_length=1024,
+        pattern=HTTP_URL,
+        description="Base URL of the OpenAI-compatible API (openai backend only).",
+    )
+    api_key_secret: SecretKeyRef | None = Field(
+        default=None,
+        description="Secret key holding the API key (openai backend only).",
+    )
+    tensor_parallel_size: int = Field(
+        default=1, ge=1, le=64, description="vLLM tensor parallel degree."
+    )
+    max_tokens: int = Field(
+        default=16384, ge=1, le=1_048_576, description="Maximum new tokens per request."
+    )
+    temperature: float = Field(default=0.6, ge=0.0, le=2.0, description="Sampling temperature.")
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0, description="Nucleus sampling top_p.")
+    concurrency: int = Field(
+        default=16, ge=1, le=4096, description="Requests in flight (openai backend)."
+    )
+    timeout_seconds: float = Field(
+        default=600.0, gt=0, description="Per-request timeout (openai backend)."
+    )
+    max_retries: int = Field(
+        default=5, ge=0, le=100, description="Retries on 429, 5xx and timeouts, with backoff."
+    )
+
+    cel_rules = (
+        CelRule(
+            "self.backend != 'openai' || (has(self.endpoint) && has(self.model))",
+            "endpoint and model are required when backend is 'openai'",
+        ),
+        CelRule(
+            "!(self.backend in ['vllm', 'hf']) || has(self.model)",
+            "model is required when backend is 'vllm' or 'hf'",
+            ".model",
+        ),
+        CelRule(
+            "self.backend == 'openai' || (!has(self.endpoint) && !has(self.apiKeySecret))",
+            "endpoint and apiKeySecret are only used by the 'openai' backend",
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _backend_fields(self) -> GeneratorSpec:
+        problems = []
+        if self.backend == "openai":
+            if not self.endpoint:
+                problems.append(("endpoint", "required when backend is 'openai'"))
+            if not self.model:
+                problems.append(("model", "required when backend is 'openai'"))
+        elif self.backend in ("vllm", "hf") and not self.model:
+            problems.append(("model", f"required when backend is '{self.backend}'"))
+        if self.backend != "openai":
+            for field in ("endpoint", "api_key_secret"):
+                if getattr(self, field) is not None:
+                    problems.append((to_camel(field), "only used by the 'openai' backend"))
+        raise_problems(problems)
+        return self
+
+
+class BridgePrompts(Schema):
+    """Prompt templates of the three Modality Bridging steps (None = the paper's)."""
+
+    pseudo_cot: str | None = Field(
+        default=None,
+        description="Step 1 (multimodal model): from {question} and {answer} with the image, "
+        "write a pseudo chain of thought.",
+    )
+    description: str | None = Field(
+        default=None,
+        description="Step 2 (multimodal model): from {question} and {pseudo_cot} with the "
+        "image, write a detailed text description of the image.",
+    )
+    reasoning: str | None = Field(
+        default=None,
+        description="Step 3 (text reasoning model): from {description} and {question}, "
+        "reason step by step to the final answer.",
+    )
+
+
+class BridgeFilters(Schema):
+    """Rule-based filters applied to generated samples; each drop is counted by reason."""
+
+    answer_match: bool = Field(
+        default=True, description="Keep only samples whose final answer matches the ground truth."
+    )
+    format: bool = Field(default=True, description="Require the <think>/<answer> output format.")
+    min_reasoning_chars: int = Field(
+        default=0, ge=0, description="Drop reasoning shorter than this many characters."
+    )
+    max_reasoning_chars: int = Field(
+        default=60000, ge=1, description="Drop reasoning longer than this many characters."
+    )
+    max_repetition: float = Field(
+        default=0.5,
+        gt=0.0,
+        le=1.0,
+        description="Drop a sample whose most repeated line/sentence makes up more than this "
+        "fraction of its reasoning.",
+    )
+    dedupe: bool = Field(default=True, description="Drop duplicate (image, question) pairs.")
+
+    cel_rules = (
+        CelRule(
+            "self.minReasoningChars <= self.maxReasoningChars",
+            "minReasoningChars must not be above maxReasoningChars",
+            ".minReasoningChars",
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> BridgeFilters:
+        if self.min_reasoning_chars > self.max_reasoning_chars:
+            raise_problems([(
+                "minReasoningChars",
+                f"{self.min_reasoning_chars} is above maxReasoningChars "
+                f"({self.max_reasoning_chars})",
+            )])
+        return self
+
+
+class BridgeSettings(Schema):
+    """Modality Bridging: build the cold-start CoT data set."""
+
+    multimodal_model: GeneratorSpec = Field(
+        default_factory=lambda: GeneratorSpec.model_validate(
+            {"backend": "vllm", "model": "Qwen/Qwen2.5-VL-72B-Instruct", "tensorParallelSize": 8}
+        ),
+        description="The MLLM that writes the pseudo-CoT and the detailed image description.",
+    )
+    reasoning_model: GeneratorSpec = Field(
+        default_factory=lambda: GeneratorSpec.model_validate(
+            {"backend": "vllm", "model": "deepseek-ai/DeepSeek-R1", "tensorParallelSize": 8}
+        ),
+        description="The text-only reasoning model (DeepSeek-R1 class) that writes the long CoT.",
+    )
+    prompts: BridgePrompts = Field(
+        default_factory=BridgePrompts, description="Prompt overrides; unset means the paper's."
+    )
+    filters: BridgeFilters = Field(default_factory=BridgeFilters, description="Sample filters.")
+    sample_limit: int | None = Field(
+        default=None, ge=1, description="Process at most this many source rows."
+    )
+    shards: int = Field(
+        default=1, ge=1, le=4096, description="Work units; progress is committed per shard."
+    )
+    seed: int = Field(default=0, ge=0, description="Sampling seed.")
+
+
+class SFTSettings(Schema):
+    """Cold-start supervised fine-tuning (defaults from the paper)."""
+
+    epochs: float = Field(default=2.0, gt=0, le=100, description="Training epochs.")
+    learning_rate: float = Field(default=5e-6, gt=0, lt=1, description="Peak learning rate.")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        default="cosine", description="Learning-rate schedule."
+    )
+    warmup_ratio: float = Field(
+        default=0.05, ge=0, le=1, description="Fraction of steps spent warming up."
+    )
+    weight_decay: float = Field(default=0.0, ge=0, le=1, description="AdamW weight decay.")
+    max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient clipping norm.")
+    cutoff_length: int = Field(
+        default=16384, ge=16, le=1_048_576, description="Maximum tokens per training sample."
+    )
+    per_device_batch_size: int = Field(
+        default=1, ge=1, le=1024, description="Samples per device per micro-step."
+    )
+    gradient_accumulation_steps: int = Field(
+        default=8, ge=1, le=4096, description="Micro-steps per optimizer step."
+    )
+    precision: Literal["bf16", "fp16", "fp32"] = Field(
+        default="bf16", description="Training precision."
+    )
+    deepspeed_zero_stage: Literal[0, 1, 2, 3] = Field(
+        default=3, description="DeepSpeed ZeRO stage on GPUs (0 disables DeepSpeed)."
+    )
+    packing: bool = Field(default=False, description="Pack several samples per sequence.")
+    freeze_vision_tower: bool = Field(
+        default=False, description="Keep the vision encoder frozen during SFT."
+    )
+    save_every_steps: int = Field(
+        default=500, ge=1, description="Commit a resumable checkpoint every N optimizer steps."
+    )
+    seed: int = Field(default=42, ge=0, description="Seed for data order and init.")
+
+
+class PTSTStage(Schema):
+    """One Progressive Thinking Suppression Training stage (one GRPO run)."""
+
+    max_completion_length: int = Field(
+        ge=16, le=131072, description="Completion budget in tokens (the paper: 4096, then 8192)."
+    )
+    num_generations: int = Field(
+        ge=2, le=512, description="Samples per prompt, the GRPO group size (16, then 8)."
+    )
+    steps: int = Field(default=100, ge=1, le=1_000_000, description="Optimizer steps.")
+
+
+def default_ptst() -> list[PTSTStage]:
+    """The paper's optimum: 4K x 16 then 8K x 8, constant sampling budget."""
+    return [
+        PTSTStage.model_validate({"maxCompletionLength": 4096, "numGenerations": 16}),
+        PTSTStage.model_validate({"maxCompletionLength": 8192, "numGenerations": 8}),
+    ]
+
+
+class GRPOSettings(Schema):
+    """GRPO settings shared by every PTST stage (defaults from the paper)."""
+
+    epsilon_low: float = Field(default=0.2, gt=0, lt=1, description="Lower clip range.")
+    epsilon_high: float = Field(default=0.2, gt=0, description="Upper clip range.")
+    beta: float = Field(default=0.01, ge=0, description="KL penalty coefficient.")
+    learning_rate: float = Field(default=1e-6, gt=0, lt=1, description="Learning rate.")
+    temperature: float = Field(default=1.0, gt=0, le=2, description="Rollout temperature.")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Rollout top_p.")
+    rollout_batch_size: int = Field(
+        default=128, ge=1, le=65536, description="Prompts per step (each sampled numGenerations times)."
+    )
+    mini_batch_size: int | None = Field(
+        default=None, ge=1, description="Prompts per optimizer update (default: rolloutBatchSize)."
+    )
+    updates_per_batch: int = Field(
+        default=1, ge=1, le=64, description="Optimizer passes over each rollout batch (uses old log-probs)."
+    )
+    loss_aggregation: Literal["sequence_mean", "token_mean"] = Field(
+        default="sequence_mean",
+        description="sequence_mean: mean over each completion, then over completions (GRPO "
+        "paper); token_mean: mean over all completion tokens.",
+    )
+    reward: Literal["hfrrf"] = Field(
+        default="hfrrf",
+        description="Reward function: hfrrf, the Hard Format Result Reward (1 only if format "
+        "and answer are both right).",
+    )
+    rollout_backend: Literal["vllm", "hf"] = Field(
+        default="vllm", description="Rollout engine: vllm (GPU) or hf (transformers, CPU or GPU)."
+    )
+    max_prompt_length: int = Field(
+        default=4096, ge=16, description="Prompt tokens kept (image tokens included)."
+    )
+    max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient clipping norm.")
+    deepspeed_zero_stage: Literal[0, 1, 2, 3] = Field(
+        default=3, description="DeepSpeed ZeRO stage on GPUs (0 disables DeepSpeed)."
+    )
+    save_every_steps: int = Field(
+        default=20, ge=1, description="Commit a resumable checkpoint every N steps."
+    )
+    seed: int = Field(default=42, ge=0, description="Seed for rollouts and data order.")
+
+    cel_rules = (
+        CelRule(
+            "!has(self.miniBatchSize) || self.miniBatchSize <= self.rolloutBatchSize",
+            "miniBatchSize must not be above rolloutBatchSize",
+            ".miniBatchSize",
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _mini_batch(self) -> GRPOSettings:
+        if self.mini_batch_size is not None and self.mini_batch_size > self.rollout_batch_size:
+            raise_problems([(
+                "miniBatchSize",
+                f"{self.mini_batch_size} is above rolloutBatchSize ({self.rollout_batch_size})",
+            )])
+        return self
+
+
+class JudgeSpec(Schema):
+    """An LLM judge behind any OpenAI-compatible endpoint (the paper: GPT-4o-mini)."""
+
+    endpoint: str = Field(max_length=1024, pattern=HTTP_URL, description="API base URL.")
+    model: str = Field(min_length=1, max_length=255, description="Judge model name.")
+    api_key_secret: SecretKeyRef | None = Field(
+        default=None, description="Secret key holding the API key."
+    )
+
+
+BenchmarkFormat = Literal["mathvista", "mathverse", "mmmath", "dynamath", "synthetic"]
+
+
+class BenchmarkSpec(Schema):
+    """An evaluation benchmark: which public schema it follows and where it is."""
+
+    name: str = Field(
+        max_length=40, pattern=DNS_LABEL, description="Unique name used in results and metrics."
+    )
+    format: BenchmarkFormat = Field(description="Field layout and scoring rules to apply.")
+    data: DatasetRef = Field(description="Where the benchmark rows are.")
+
+
+class EvalSettings(Schema):
+    """Benchmark scoring (sampling defaults from the paper's evaluation)."""
+
+    benchmarks: list[str] = Field(
+        default_factory=list,
+        max_length=32,
+        description="Names from spec.data.benchmarks to score; empty means all of them.",
+    )
+    temperature: float = Field(default=0.6, ge=0, le=2, description="Sampling temperature.")
+    top_p: float = Field(default=0.95, gt=0, le=1, description="Sampling top_p.")
+    max_tokens: int = Field(default=16000, ge=1, le=1_048_576, description="Maximum new tokens.")
+    max_retries: int = Field(
+        default=2, ge=0, le=20, description="Resample a completion that lacks </answer> this often."
+    )
+    backend: Literal["vllm", "hf"] = Field(default="vllm", description="Generation engine.")
+    judge: JudgeSpec | None = Field(
+        default=None, description="Optional LLM judge; rule-based scores are always reported."
+    )
+    include_baselines: bool = Field(
+        default=False,
+        description="Also score the base model, the SFT model and every PTST stage, side by side.",
+    )
+
+
+# --- per-stage configs: what a stage's entrypoint receives ---------------------------
+
+
+StageKind = Literal["bridge", "sft", "grpo", "eval"]
+STAGE_KINDS: tuple[str, ...] = ("bridge", "sft", "grpo", "eval")
+
+
+class StageContext(Schema):
+    """What every stage is told about where it runs and where its artifacts go."""
+
+    run: str = Field(min_length=1, max_length=63, description="Name of the VisionR1Run.")
+    namespace: str = Field(default="default", max_length=63, description="Its namespace.")
+    stage: str = Field(
+        min_length=1, max_length=20, pattern=DNS_LABEL, description="Stage name (sft, ptst-1...)."
+    )
+    attempt: int = Field(default=1, ge=1, description="1 for the first try, then each retry.")
+    output_uri: str = Field(
+        pattern=STORAGE_URI, description="Where this stage commits its artifacts."
+    )
+    storage: StorageSpec = Field(description="Storage settings (endpoint, credentials Secret).")
+    model: ModelSpec = Field(description="The run's base model.")
+    metrics_port: int = Field(
+        default=9400, ge=0, le=65535, description="Prometheus exporter port (0 disables)."
+    )
+    termination_message_path: str = Field(
+        default="/dev/termination-log",
+        description="Where the stage's JSON summary is written at exit.",
+    )
+
+
+class BridgeStageConfig(StageContext):
+    kind: Literal["bridge"] = "bridge"
+    source: DatasetRef = Field(description="Image/question/answer rows to bridge.")
+    bridge: BridgeSettings = Field(description="Bridge settings.")
+
+
+class SFTStageConfig(StageContext):
+    kind: Literal["sft"] = "sft"
+    data_uri: str | None = Field(
+        default=None,
+        pattern=STORAGE_URI,
+        description="Committed cold-start data set from the bridge stage, if it ran.",
+    )
+    data: DatasetRef | None = Field(
+        default=None, description="A given cold-start data set (when the bridge stage is off)."
+    )
+    sft: SFTSettings = Field(description="SFT settings.")
+
+    @model_validator(mode="after")
+    def _one_data_source(self) -> SFTStageConfig:
+        if (self.data_uri is None) == (self.data is None):
+            raise_problems([("dataUri", "exactly one of dataUri and data must be set")])
+        return self
+
+
+class GRPOStageConfig(StageContext):
+    kind: Literal["grpo"] = "grpo"
+    ptst_index: int = Field(ge=1, description="1-based PTST stage number.")
+    ptst_total: int = Field(ge=1, description="Number of PTST stages in the run.")
+    init_uri: str | None = Field(
+        default=None,
+        pattern=STORAGE_URI,
+        description="Stage output to start from (previous PTST stage or SFT); None = base model.",
+    )
+    data: DatasetRef = Field(description="The RL set (geometry3k format).")
+    ptst: PTSTStage = Field(description="This stage's length budget and group size.")
+    grpo: GRPOSettings = Field(description="Shared GRPO settings.")
+
+
+class EvalStageConfig(StageContext):
+    kind: Literal["eval"] = "eval"
+    models: dict[str, str] = Field(
+        min_length=1,
+        description="Label -> model to score: a stage output URI, or 'base' for the run's model.",
+    )
+    benchmarks: list[BenchmarkSpec] = Field(min_length=1, description="Benchmarks to score.")
+    eval: EvalSettings = Field(description="Sampling and scoring settings.")
+
+
+StageConfig = Annotated[
+    Union[BridgeStageConfig, SFTStageConfig, GRPOStageConfig, EvalStageConfig],
+    Field(discriminator="kind"),
+]
+
+
+STAGE_CONFIGS: dict[str, type[StageContext]] = {
+    "bridge": BridgeStageConfig,
+    "sft": SFTStageConfig,
+    "grpo": GRPOStageConfig,
+    "eval": EvalStageConfig,
+}
+
+
+class ConfigError(Exception):
+    """A stage config file that cannot be used; the message names the file and field."""
+
+
+def load_stage_config(path: str | Path, expected_kind: str | None = None):
+    """Read and validate a stage config JSON file (the operator/executor contract)."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    kind = raw.get("kind")
+    if kind not in STAGE_CONFIGS:
+        raise ConfigError(f"{path}: kind: must be one of {', '.join(STAGE_KINDS)}, got {kind!r}")
+    if expected_kind is not None and kind != expected_kind:
+        raise ConfigError(
+            f"{path}: kind: this is a {kind!r} stage config, expected {expected_kind!r}"
+        )
+    try:
+        return STAGE_CONFIGS[kind].model_validate(raw, **WIRE)
+    except ValidationError as exc:
+        lines = [f"{path}: {p}: {m}" for p, m in format_errors(exc)]
+        raise ConfigError("\n".join(lines)) from None
+
+
+# --- error reporting ------------------------------------------------------------------
+
+
+class FieldProblems(ValueError):
+    """Raised by model validators to report problems at sub-paths of the model.
+
+    Pydantic puts a model validator's error at the model's own location; carrying the
+    sub-paths lets ``format_errors`` name the exact field
+    (``spec.stages.ptst[1].numGenerations``), as a user of kubectl expects.
+    """
+
+    def __init__(self, problems: list[tuple[str | tuple, str]]):
+        self.problems = [(_as_loc(p), m) for p, m in problems]
+        super().__init__("; ".join(f"{_loc_str(p)}: {m}" for p, m in self.problems))
+
+
+def raise_problems(problems: list[tuple[str | tuple, str]]) -> None:
+    if problems:
+        raise FieldProblems(problems)
+
+
+def _as_loc(path: str | tuple) -> tuple:
+    if isinstance(path, tuple):
+        return path
+    loc: list[str | int] = []
+    for part in path.split("."):
+        name, *indexes = part.split("[")
+        if name:
+            loc.append(name)
+        loc.extend(int(i.rstrip("]")) for i in indexes)
+    return tuple(loc)
+
+
+def _loc_str(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _error_message(err: dict) -> str:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return "unknown field (not in the VisionR1Run schema)"
+    if kind == "missing":
+        return "required field is missing"
+    if kind in ("literal_error", "enum"):
+        return f"{err['msg'].replace('Input should be', 'must be')}, got {err.get('input')!r}"
+    msg = err["msg"]
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            msg = msg[len(prefix):]
+    if "input" in err and kind not in ("value_error",) and not isinstance(err["input"], (dict, list)):
+        msg = f"{msg} (got {err['input']!r})"
+    return msg
+
+
+def format_errors(exc: ValidationError, strip: tuple = ()) -> list[tuple[str, str]]:
+    """Turn a pydantic ValidationError into (field path, message) pairs, one per problem."""
+    out: list[tuple[str, str]] = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        if loc[: len(strip)] == strip:
+            loc = loc[len(strip):]
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, FieldProblems):
+            out.extend((_loc_str(loc + sub), msg) for sub, msg in cause.problems)
+        else:
+            out.append((_loc_str(loc) or "<root>", _error_message(err)))
+    return out
+
+
+def artifact_uri(storage_uri: str, *parts: str) -> str:
+    """``<storage>/<namespace>/<run>/<stage>``: where a stage commits its artifacts."""
+    base = storage_uri.rstrip("/")
+    return "/".join([base, *(p.strip("/") for p in parts if p.strip("/"))])
