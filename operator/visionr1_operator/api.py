@@ -337,6 +337,11 @@ class VisionR1RunSpec(Schema):
             "storage.endpoint is only used with s3:// storage",
             ".storage.endpoint",
         ),
+        CelRule(
+            "!has(self.storage.region) || self.storage.uri.startsWith('s3://')",
+            "storage.region is only used with s3:// storage",
+            ".storage.region",
+        ),
     )
 
     @model_validator(mode="after")
