@@ -116,6 +116,9 @@ def _quantity(value: Any) -> str:
     """Accept a Kubernetes resource quantity (``"16Gi"``, ``"500m"``, ``8``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ValueError(f"expected a Kubernetes quantity such as '16Gi' or '500m', got {value!r}")
+    if isinstance(value, float) and not value.is_integer():
+        # The CRD types quantities as int-or-string, so the API server rejects 0.5.
+        raise ValueError(f"write a fractional quantity as a string ('{value}' or '500m'), got {value!r}")
     text = str(value)
     if not _QUANTITY_RE.match(text):
         raise ValueError(
