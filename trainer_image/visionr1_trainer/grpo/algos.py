@@ -1,0 +1,218 @@
+"""GRPO math as small pure functions: tensors in, tensors out, no I/O, no globals.
+
+Sources:
+- GRPO: Shao et al., "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in
+  Open Language Models", arXiv 2402.03300, eq. (3) (objective), sec. 4.1.2 (group
+  normalised advantages), eq. (4) (the k3 KL estimator, after Schulman's "Approximating
+  KL Divergence", 2020).
+- Vision-R1 (arXiv 2503.06749) trains with this objective, epsilon = 0.2, beta = 1e-2.
+- Decoupled clip ranges (epsilon_low / epsilon_high): Yu et al., DAPO, arXiv 2503.14476.
+
+Shapes: ``B`` completions in a batch (num_prompts * group_size, each prompt's group
+contiguous), ``T`` completion tokens (padded). ``mask`` is 1 on real completion tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+# --- advantages -----------------------------------------------------------------------
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
+    """Group-normalised advantages ``(r - mean(group)) / (std(group) + eps)``.
+
+    Args:
+        rewards: ``(num_prompts * group_size,)``, each prompt's group contiguous.
+        group_size: completions per prompt (GRPO's G, the PTST ``numGenerations``).
+        eps: added to the standard deviation (keeps the division finite).
+
+    Returns:
+        ``(num_prompts * group_size,)``. The standard deviation is the sample one
+        (``torch.std`` default, Bessel-corrected), as in TRL and verl. A group whose
+        rewards are all equal carries no learning signal and gets exactly zeros (also
+        for ``group_size == 1``, where the sample std is undefined).
+    """
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D (num_prompts * group_size,), got shape {tuple(rewards.shape)}")
+    if group_size < 1 or rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    grouped = rewards.view(-1, group_size)  # (P, G)
+    mean = grouped.mean(dim=1, keepdim=True)
+    if group_size == 1:
+        return torch.zeros_like(rewards)
+    std = grouped.std(dim=1, keepdim=True)
+    centred = grouped - mean
+    # All-equal groups: centred is exactly 0 there, so the result is 0 without a branch.
+    return (centred / (std + eps)).view(-1)
+
+
+# --- KL -------------------------------------------------------------------------------
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(policy || reference): ``exp(d) - d - 1``, ``d = ref - logp``.
+
+    Unbiased for the KL under samples from the policy and never negative.
+    Args and result: ``(B, T)``.
+    """
+    log_ratio = ref_logprobs - logprobs
+    # Clamp before exp: a far-off reference on one token must not overflow to inf.
+    log_ratio = log_ratio.clamp(min=-20.0, max=20.0)
+    return torch.exp(log_ratio) - log_ratio - 1.0
+
+
+# --- masked reductions (loss aggregation registry) --------------------------------------
+
+Aggregation = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LOSS_AGGREGATIONS: dict[str, Aggregation] = {}
+
+
+def register_aggregation(name: str) -> Callable[[Aggregation], Aggregation]:
+    def wrap(fn: Aggregation) -> Aggregation:
+        LOSS_AGGREGATIONS[name] = fn
+        return fn
+    return wrap
+
+
+def get_aggregation(name: str) -> Aggregation:
+    try:
+        return LOSS_AGGREGATIONS[name]
+    except KeyError:
+        valid = ", ".join(sorted(LOSS_AGGREGATIONS))
+        raise ValueError(f"unknown loss aggregation {name!r}; valid: {valid}") from None
+
+
+@register_aggregation("sequence_mean")
+def sequence_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over each sequence's masked tokens, then mean over sequences (GRPO paper).
+
+    Divides each row by its own count of real tokens; a fully masked row (no completion
+    token at all) contributes 0 and is left out of the mean over sequences. All rows
+    masked gives 0.
+    """
+    mask = mask.to(values.dtype)
+    tokens = mask.sum(dim=1)  # (B,)
+    per_seq = (values * mask).sum(dim=1) / tokens.clamp(min=1.0)
+    has_tokens = (tokens > 0).to(values.dtype)
+    return (per_seq * has_tokens).sum() / has_tokens.sum().clamp(min=1.0)
+
+
+@register_aggregation("token_mean")
+def token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum over all masked tokens divided by their count (0 when there are none)."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` over ``mask`` (token-level), 0 for an empty mask. For statistics."""
+    return token_mean(values, mask)
+
+
+# --- the loss ---------------------------------------------------------------------------
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    beta: float = 0.01,
+    aggregation: str = "sequence_mean",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The GRPO clipped surrogate with a k3 KL penalty (DeepSeekMath eq. 3).
+
+    Per token: ``ratio = exp(logprobs - old_logprobs)``,
+    ``surrogate = min(ratio * A, clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) * A)``,
+    ``loss = -(surrogate - beta * kl_k3(logprobs, ref_logprobs))``, then aggregated.
+
+    Args:
+        logprobs: ``(B, T)`` log-probs of the sampled tokens under the policy being trained.
+        old_logprobs: ``(B, T)`` the same under the policy that sampled them (detached).
+        ref_logprobs: ``(B, T)`` the same under the frozen reference; may be None when beta is 0.
+        advantages: ``(B,)`` one advantage per completion, broadcast over its tokens.
+        mask: ``(B, T)`` 1 on real completion tokens, 0 on padding.
+        aggregation: a name in ``LOSS_AGGREGATIONS`` (sequence_mean, token_mean).
+
+    Returns:
+        ``(loss, stats)``: a scalar loss, and detached scalars ``kl`` (mean k3 over masked
+        tokens), ``clip_frac_low``/``clip_frac_high`` (fraction of masked tokens where the
+        lower/upper clip bound was the active term), ``clip_frac`` (their sum), ``ratio_mean``.
+    """
+    aggregate = get_aggregation(aggregation)
+    if beta and ref_logprobs is None:
+        raise ValueError("ref_logprobs is required when beta > 0")
+    mask = mask.to(logprobs.dtype)
+    adv = advantages.to(logprobs.dtype).unsqueeze(1)  # (B, 1) -> broadcast over T
+    log_ratio = (logprobs - old_logprobs).clamp(min=-20.0, max=20.0)  # overflow guard
+    ratio = torch.exp(log_ratio)
+    clipped = ratio.clamp(1.0 - epsilon_low, 1.0 + epsilon_high)
+    surrogate = torch.minimum(ratio * adv, clipped * adv)
+    per_token = -surrogate
+    kl = kl_k3(logprobs, ref_logprobs) if ref_logprobs is not None else torch.zeros_like(logprobs)
+    if beta:
+        per_token = per_token + beta * kl
+    loss = aggregate(per_token, mask)
+
+    with torch.no_grad():
+        # The clipped term is the active (smaller) one exactly when the ratio has left
+        # the trust region in the direction the advantage favours.
+        low = ((ratio < 1.0 - epsilon_low) & (adv < 0)).to(mask.dtype)
+        high = ((ratio > 1.0 + epsilon_high) & (adv > 0)).to(mask.dtype)
+        stats = {
+            "kl": masked_mean(kl, mask),
+            "clip_frac_low": masked_mean(low, mask),
+            "clip_frac_high": masked_mean(high, mask),
+            "ratio_mean": masked_mean(ratio, mask),
+        }
+        stats["clip_frac"] = stats["clip_frac_low"] + stats["clip_frac_high"]
+    return loss, stats
+
+
+# --- token-level helpers -----------------------------------------------------------------
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probs of ``tokens`` under ``logits``.
+
+    Args:
+        logits: ``(B, T, V)`` logits that predict each of ``tokens`` (already shifted).
+        tokens: ``(B, T)`` token ids.
+        temperature: the sampling temperature; log-probs are those of the distribution
+            the tokens were sampled from, as TRL and verl compute them.
+
+    Returns: ``(B, T)``. Computed with ``log_softmax`` in float32: bf16 log-probs are too
+    coarse for ratios near 1.
+    """
+    logits = logits.float() / temperature
+    return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of each position's distribution, ``(B, T, V) -> (B, T)``, in float32."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(dim=-1)
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_token_id: int, pad_token_id: int) -> torch.Tensor:
+    """1 on tokens up to and including the first EOS of each row, 0 after it.
+
+    Args: ``completion_ids`` ``(B, T)``. Returns ``(B, T)`` long. A row with no EOS
+    (truncated by the length cap) is all ones up to padding.
+    """
+    is_eos = completion_ids == eos_token_id
+    # Position of the first EOS (or T when none); tokens after it are padding.
+    first_eos = torch.where(
+        is_eos.any(dim=1), is_eos.int().argmax(dim=1), torch.full_like(is_eos[:, 0], is_eos.shape[1], dtype=torch.long)
+    )
+    positions = torch.arange(completion_ids.shape[1], device=completion_ids.device).unsqueeze(0)
+    mask = positions <= first_eos.unsqueeze(1)
+    if pad_token_id != eos_token_id:
+        mask &= completion_ids != pad_token_id
+    return mask.long()
