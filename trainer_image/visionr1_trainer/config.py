@@ -138,10 +138,14 @@ Quantity = Annotated[
 ]
 
 
+# How API keys and tokens start (OpenAI, Hugging Face, AWS, GitHub).
+SECRET_PREFIX = r"^(sk-|hf_|AKIA|ghp_)"
+
+
 def _no_secret_literal(value: str) -> str:
     # Secret values never belong in a spec: it lands in etcd, in kubectl get -o yaml,
     # in GitOps repos. Catch the common mistake of pasting a key instead of a name.
-    if re.match(r"^(sk-|hf_|AKIA|ghp_)", value):
+    if re.match(SECRET_PREFIX, value):
         raise ValueError("looks like a secret value; give the name of a Secret that holds it")
     return value
 
@@ -192,6 +196,14 @@ class ModelSpec(Schema):
     )
     attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = Field(
         default="sdpa", description="Attention kernel passed to transformers."
+    )
+
+    cel_rules = (
+        CelRule(
+            f"!self.name.matches('{SECRET_PREFIX}')",
+            "name looks like a secret value; give the name of a Secret that holds it",
+            ".name",
+        ),
     )
 
 
