@@ -46,7 +46,9 @@ def validate_document(doc: Any, source: str = "<manifest>") -> VisionR1Run:
     if head:  # another kind of object: its fields would only add noise
         raise ManifestError(source, head)
     try:
-        return VisionR1Run.model_validate(doc, **WIRE)
+        # strict: no "10" -> 10 or "true" -> True coercion, which the API server's
+        # schema validation would refuse; what passes here passes kubectl apply.
+        return VisionR1Run.model_validate(doc, strict=True, **WIRE)
     except ValidationError as exc:
         raise ManifestError(source, format_errors(exc)) from None
 

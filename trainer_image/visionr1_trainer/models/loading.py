@@ -1,0 +1,39 @@
+"""Load a vision-language model with its tokenizer and image processor."""
+
+from __future__ import annotations
+
+from typing import Any
+
+DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
+
+
+def torch_dtype(name: str, device: str):
+    """The torch dtype for a spec dtype name; ``auto`` is bf16 on GPU, fp32 on CPU."""
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, DTYPES[name])
+
+
+def load_processor_parts(source: str) -> tuple[Any, Any]:
+    """The tokenizer and image processor saved with a model (or on the hub under ``source``)."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    image_processor = AutoImageProcessor.from_pretrained(source)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, image_processor
+
+
+def load_vlm(source: str, dtype: str = "auto", attn_implementation: str = "sdpa", device: str = "cpu",
+             processor: str | None = None):
+    """``(model, tokenizer, image_processor)`` from a directory or hub id."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(
+        source, dtype=torch_dtype(dtype, device), attn_implementation=attn_implementation
+    ).to(device)
+    tokenizer, image_processor = load_processor_parts(processor or source)
+    return model, tokenizer, image_processor
