@@ -30,7 +30,7 @@ demo: install
 	$(BIN)/visionr1 plan examples/tiny-cpu.yaml
 
 test: install
-	$(BIN)/python -m pytest -n 2 -m "not gpu"
+	$(BIN)/python -m pytest -n 2
 
 test-fast: install
 	$(BIN)/python -m pytest -x -q -m "not gpu and not slow"

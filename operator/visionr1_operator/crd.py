@@ -205,5 +205,12 @@ HEADER = (
 )
 
 
+class _NoAliasDumper(yaml.SafeDumper):
+    """Repeated sub-schemas are written out in full: anchors make the CRD hard to read."""
+
+    def ignore_aliases(self, data) -> bool:
+        return True
+
+
 def render_crd_yaml() -> str:
-    return HEADER + yaml.safe_dump(build_crd(), sort_keys=False, width=100)
+    return HEADER + yaml.dump(build_crd(), Dumper=_NoAliasDumper, sort_keys=False, width=100)
