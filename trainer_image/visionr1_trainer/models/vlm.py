@@ -101,12 +101,23 @@ class EncodedPrompts:
     kept: list[int]
     dropped_too_long: list[int] = field(default_factory=list)
 
-    def model_inputs(self) -> dict[str, torch.Tensor]:
+    def model_inputs(self, image_token_id: int) -> dict[str, torch.Tensor]:
         out = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
         if self.pixel_values is not None:
             out["pixel_values"] = self.pixel_values
             out["image_grid_thw"] = self.image_grid_thw
+            out["mm_token_type_ids"] = mm_token_types(self.input_ids, image_token_id)
         return out
+
+
+def mm_token_types(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """(B, L) 1 on image tokens, 0 elsewhere.
+
+    Qwen2.5-VL builds its 3-D (time, height, width) rotary positions from these; without
+    them it silently falls back to 1-D text positions over the image tokens, which is
+    not what the model was trained with.
+    """
+    return (input_ids == image_token_id).int()
 
 
 def encode_prompts(

@@ -1,0 +1,137 @@
+"""Rollouts: sample ``numGenerations`` completions per prompt, within the PTST length budget.
+
+One interface, two backends:
+- ``HFRollout``: transformers ``generate`` (batched, KV cache), CPU or GPU, on the policy
+  being trained itself, so its weights are always current.
+- ``VLLMRollout`` (``vllm_rollout.py``): a colocated vLLM engine on the stage's GPUs whose
+  weights are refreshed from the policy after every optimizer step.
+
+Both return a ``Rollout``: completion token ids right-padded, the real-token mask, the
+length of each completion, and whether the length cap truncated it (no EOS in budget).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from ..models.vlm import EncodedPrompts, repeat_vision
+from .algos import completion_mask
+
+# Tokens that must never appear in a completion: the model would count them as image
+# slots on the training forward pass and fail with "image features and image tokens do
+# not match". Suppressed at sampling time and, should one slip through (vLLM, a
+# different tokenizer), masked out of the loss and counted.
+VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+
+
+@dataclass
+class SamplingSettings:
+    num_generations: int
+    max_completion_length: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+@dataclass
+class Rollout:
+    """Completions for a batch of prompts, ``B = num_prompts * num_generations`` rows.
+
+    ``completion_ids``: (B, T) right-padded; ``mask``: (B, T) 1 on real tokens (up to
+    and including EOS); ``lengths``: (B,); ``truncated``: (B,) bool, the cap was hit.
+    ``vision_token_rows``: (B,) bool, a vision token was sampled (row is excluded).
+    """
+
+    completion_ids: torch.Tensor
+    mask: torch.Tensor
+    lengths: torch.Tensor
+    truncated: torch.Tensor
+    vision_token_rows: torch.Tensor
+    tokens_generated: int
+    seconds: float
+
+
+class RolloutBackend(Protocol):
+    def generate(self, prompts: EncodedPrompts, images_per_prompt: list[int], sampling: SamplingSettings) -> Rollout: ...
+
+    def sync_weights(self, model) -> None:
+        """Make the sampler's weights equal the policy's (after an optimizer step)."""
+
+
+def vision_token_ids(tokenizer) -> list[int]:
+    ids = []
+    for token in VISION_TOKENS:
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid is not None:
+            ids.append(tid)
+    return ids
+
+
+def finish_rollout(completion_ids: torch.Tensor, tokenizer, max_len: int, seconds: float) -> Rollout:
+    """Masks, lengths and truncation flags for raw completion ids (B, T)."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    mask = completion_mask(completion_ids, eos, pad)
+    has_eos = ((completion_ids == eos) & mask.bool()).any(dim=1)
+    lengths = mask.sum(dim=1)
+    bad = torch.tensor(vision_token_ids(tokenizer), dtype=completion_ids.dtype)
+    vision_rows = (torch.isin(completion_ids, bad) & mask.bool()).any(dim=1)
+    # Padding after EOS is whatever generate produced; make it the pad id everywhere.
+    completion_ids = torch.where(mask.bool(), completion_ids, torch.full_like(completion_ids, pad))
+    return Rollout(
+        completion_ids=completion_ids,
+        mask=mask,
+        lengths=lengths,
+        truncated=~has_eos & (lengths >= max_len),
+        vision_token_rows=vision_rows,
+        tokens_generated=int(lengths.sum()),
+        seconds=seconds,
+    )
+
+
+class HFRollout:
+    """Sampling with ``model.generate`` on the policy itself (no weight sync needed)."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        self._suppress = [[t] for t in vision_token_ids(tokenizer)]
+
+    @torch.no_grad()
+    def generate(self, prompts: EncodedPrompts, images_per_prompt: list[int], sampling: SamplingSettings) -> Rollout:
+        import time
+
+        g = sampling.num_generations
+        pixel_values, grid = repeat_vision(prompts.pixel_values, prompts.image_grid_thw, images_per_prompt, g)
+        inputs = {
+            "input_ids": prompts.input_ids.repeat_interleave(g, dim=0),  # prompt-major groups
+            "attention_mask": prompts.attention_mask.repeat_interleave(g, dim=0),
+        }
+        if pixel_values is not None:
+            inputs |= {"pixel_values": pixel_values, "image_grid_thw": grid}
+        device = next(self.model.parameters()).device
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        start = time.perf_counter()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out = self.model.generate(
+                **inputs,
+                do_sample=True,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=0,
+                max_new_tokens=sampling.max_completion_length,
+                min_new_tokens=1,
+                bad_words_ids=self._suppress or None,
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.tokenizer.eos_token_id,
+                use_cache=True,
+            )
+        finally:
+            self.model.train(was_training)
+        completion = out[:, inputs["input_ids"].shape[1]:].cpu()
+        return finish_rollout(completion, self.tokenizer, sampling.max_completion_length, time.perf_counter() - start)
+
+    def sync_weights(self, model) -> None:
+        return None  # samples from the trained module itself

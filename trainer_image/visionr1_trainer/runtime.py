@@ -1,0 +1,87 @@
+"""What every stage process shares: stop requests, the exit summary, logging.
+
+Kubernetes stops a pod with SIGTERM and gives it ``terminationGracePeriodSeconds``;
+Ctrl-C sends SIGINT locally. Both only *request* a stop: training loops poll
+``stop_requested()`` at step boundaries, commit a checkpoint and exit, so a preempted
+stage loses at most the step in flight. A second Ctrl-C stops at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+# Kubernetes keeps at most 4096 bytes of a termination message.
+TERMINATION_MESSAGE_LIMIT = 4096
+EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG, EXIT_STOPPED = 0, 1, 2, 143
+
+_stop = threading.Event()
+
+
+class StageStopped(Exception):
+    """Raised by a stage that stopped early on request, after committing its progress."""
+
+
+def stop_requested() -> bool:
+    return _stop.is_set()
+
+
+def request_stop() -> None:
+    _stop.set()
+
+
+def reset_stop() -> None:
+    _stop.clear()
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM / first SIGINT: request a graceful stop; second SIGINT: stop now."""
+
+    def on_signal(signum, frame):
+        if signum == signal.SIGINT and _stop.is_set():
+            raise KeyboardInterrupt
+        logging.getLogger("visionr1").warning(
+            "%s received: finishing the current step, committing a checkpoint, then exiting",
+            signal.Signals(signum).name,
+        )
+        _stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+
+def compact_summary(summary: dict[str, Any], limit: int = TERMINATION_MESSAGE_LIMIT) -> str:
+    """JSON of ``summary`` within ``limit`` bytes: long fields are dropped, largest first."""
+    data = dict(summary)
+    text = json.dumps(data, separators=(",", ":"), default=str)
+    while len(text.encode()) > limit and data:
+        largest = max(data, key=lambda k: len(json.dumps(data[k], default=str)))
+        data.pop(largest)
+        data["truncated"] = True
+        text = json.dumps(data, separators=(",", ":"), default=str)
+    return text
+
+
+def write_termination_message(path: str | Path, summary: dict[str, Any]) -> bool:
+    """Write the summary where the kubelet (or the local executor) reads it; never raises."""
+    try:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(compact_summary(summary))
+        return True
+    except OSError as exc:
+        logging.getLogger("visionr1").warning("cannot write the termination message to %s: %s", path, exc)
+        return False
+
+
+def setup_logging(stage: str) -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format=f"%(asctime)s %(levelname)s [{stage}] %(name)s: %(message)s",
+    )
