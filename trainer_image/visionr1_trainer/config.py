@@ -515,6 +515,10 @@ class GRPOSettings(Schema):
     mini_batch_size: int | None = Field(
         default=None, ge=1, description="Prompts per optimizer update (default: rolloutBatchSize)."
     )
+    micro_batch_size: int = Field(
+        default=4, ge=1, le=4096,
+        description="Completions per forward/backward pass; gradients accumulate up to the mini-batch.",
+    )
     updates_per_batch: int = Field(
         default=1, ge=1, le=64, description="Optimizer passes over each rollout batch (uses old log-probs)."
     )

@@ -1,0 +1,139 @@
+"""Training sequences of one GRPO step: prompt + completion rows with their images.
+
+``B`` rows (num_prompts * group_size, prompt-major), ``P`` prompt columns (left-padded),
+``T`` completion columns (right-padded). Each row carries its own image patches so a
+micro-batch is any subset of rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..models.vlm import EncodedPrompts, mm_token_types
+from .algos import token_entropy, token_logprobs
+from .rollout import Rollout, vision_token_ids
+
+
+@dataclass
+class PolicyBatch:
+    input_ids: torch.Tensor  # (B, P + T)
+    attention_mask: torch.Tensor  # (B, P + T)
+    completion_ids: torch.Tensor  # (B, T)
+    loss_mask: torch.Tensor  # (B, T): real completion tokens of rows that may train
+    pixel_rows: list[torch.Tensor | None]  # per row: its images' patches, (patches, dim)
+    grid_rows: list[torch.Tensor | None]  # per row: (num_images, 3)
+    image_token_id: int
+
+    @property
+    def rows(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def completion_len(self) -> int:
+        return self.completion_ids.shape[1]
+
+    def model_inputs(self, rows: Sequence[int], device: str) -> dict[str, torch.Tensor]:
+        """Keyword arguments of the model's forward for a subset of rows."""
+        idx = torch.as_tensor(list(rows), dtype=torch.long)
+        ids = self.input_ids[idx]
+        out = {"input_ids": ids, "attention_mask": self.attention_mask[idx]}
+        pixels = [self.pixel_rows[i] for i in rows if self.pixel_rows[i] is not None]
+        if pixels:
+            out["pixel_values"] = torch.cat(pixels)
+            out["image_grid_thw"] = torch.cat([self.grid_rows[i] for i in rows if self.grid_rows[i] is not None])
+            out["mm_token_type_ids"] = mm_token_types(ids, self.image_token_id)
+        return {k: v.to(device) for k, v in out.items()}
+
+
+def _per_prompt_vision(prompts: EncodedPrompts, images_per_prompt: Sequence[int]):
+    """Split the batch's vision tensors back into one (pixels, grid) pair per prompt."""
+    if prompts.pixel_values is None:
+        return [(None, None)] * len(images_per_prompt)
+    grid = prompts.image_grid_thw
+    patches = grid.prod(dim=1).tolist()
+    chunks = torch.split(prompts.pixel_values, patches)
+    out, image = [], 0
+    for count in images_per_prompt:
+        if count == 0:
+            out.append((None, None))
+        else:
+            out.append((torch.cat(chunks[image:image + count]), grid[image:image + count]))
+        image += count
+    return out
+
+
+def build_policy_batch(
+    prompts: EncodedPrompts,
+    images_per_prompt: Sequence[int],
+    rollout: Rollout,
+    group_size: int,
+    tokenizer,
+    image_token_id: int,
+) -> PolicyBatch:
+    """Concatenate prompts (repeated per group) with their completions.
+
+    Rows whose completion sampled a vision token are kept in the batch (their group's
+    statistics stay whole) but get an all-zero loss mask, and those tokens are replaced
+    by padding so the forward pass never sees an unmatched image slot.
+    """
+    completion = rollout.completion_ids.clone()
+    bad = torch.tensor(vision_token_ids(tokenizer), dtype=completion.dtype)
+    completion[torch.isin(completion, bad)] = tokenizer.pad_token_id
+    prompt_ids = prompts.input_ids.repeat_interleave(group_size, dim=0)
+    prompt_mask = prompts.attention_mask.repeat_interleave(group_size, dim=0)
+    loss_mask = rollout.mask * (~rollout.vision_token_rows).long().unsqueeze(1)
+    vision = _per_prompt_vision(prompts, images_per_prompt)
+    pixel_rows = [vision[r // group_size][0] for r in range(prompt_ids.shape[0])]
+    grid_rows = [vision[r // group_size][1] for r in range(prompt_ids.shape[0])]
+    return PolicyBatch(
+        input_ids=torch.cat([prompt_ids, completion], dim=1),
+        attention_mask=torch.cat([prompt_mask, rollout.mask], dim=1),
+        completion_ids=completion,
+        loss_mask=loss_mask,
+        pixel_rows=pixel_rows,
+        grid_rows=grid_rows,
+        image_token_id=image_token_id,
+    )
+
+
+def sequence_logprobs(
+    model,
+    batch: PolicyBatch,
+    rows: Sequence[int],
+    temperature: float,
+    device: str,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs (and entropies) of the completion tokens of ``rows``: ``(b, T)`` each.
+
+    Only the last ``T + 1`` positions' logits are materialised (``logits_to_keep``):
+    the prompt's logits are never needed, and at 4K-8K completion tokens times a
+    150K vocabulary they dominate memory.
+    """
+    T = batch.completion_len
+    out = model(**batch.model_inputs(rows, device), logits_to_keep=T + 1, use_cache=False)
+    logits = out.logits[:, :-1, :]  # position t predicts completion token t
+    targets = batch.completion_ids[list(rows)].to(logits.device)
+    logprobs = token_logprobs(logits, targets, temperature)
+    entropy = token_entropy(logits.detach()) if with_entropy else None
+    return logprobs, entropy
+
+
+def micro_batches(rows: Sequence[int], size: int) -> list[list[int]]:
+    rows = list(rows)
+    return [rows[i:i + size] for i in range(0, len(rows), size)]
+
+
+def aggregation_weight(mask: torch.Tensor, micro_rows: Sequence[int], all_rows: Sequence[int], aggregation: str) -> float:
+    """The share of a mini-batch's loss that one micro-batch's (locally aggregated) loss carries.
+
+    Accumulating ``weight * micro_loss`` over micro-batches reproduces the mini-batch's
+    loss exactly: by rows with tokens for ``sequence_mean``, by tokens for ``token_mean``.
+    """
+    micro, full = mask[list(micro_rows)], mask[list(all_rows)]
+    if aggregation == "token_mean":
+        return float(micro.sum()) / max(float(full.sum()), 1.0)
+    return float((micro.sum(dim=1) > 0).sum()) / max(float((full.sum(dim=1) > 0).sum()), 1.0)
