@@ -91,19 +91,27 @@ class CheckpointManager:
         scheduler=None,
         extra: dict | None = None,
         processor_parts: tuple = (),
+        extra_files: dict[str, Path] | None = None,
     ) -> str:
-        """Commit ``checkpoints/step-<step>``; keep only the newest ``keep_last``."""
+        """Commit ``checkpoints/step-<step>``; keep only the newest ``keep_last``.
+
+        ``extra_files`` (name in the checkpoint -> local file) travel with it, e.g. the
+        metrics log, so a resumed stage on a fresh pod continues the same log.
+        """
 
         def write(directory: Path) -> None:
             save_training_state(directory, model, optimizer, scheduler, step, extra or {})
             for part in processor_parts:
                 part.save_pretrained(directory / "model")
+            for name, path in (extra_files or {}).items():
+                if Path(path).exists():
+                    shutil.copy(path, directory / name)
 
         uri = self.commit(checkpoint_name(step), write, {"step": step})
-        self._prune()
+        self.prune()
         return uri
 
-    def _prune(self) -> None:
+    def prune(self) -> None:
         names = self.store.list_committed(CHECKPOINTS)
         for name in names[: max(0, len(names) - self.keep_last)]:
             self.store.delete(name)

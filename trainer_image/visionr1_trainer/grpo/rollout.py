@@ -135,3 +135,19 @@ class HFRollout:
 
     def sync_weights(self, model) -> None:
         return None  # samples from the trained module itself
+
+
+ROLLOUT_BACKENDS = ("hf", "vllm")
+
+
+def make_rollout(name: str, policy, tokenizer, env, config) -> RolloutBackend:
+    """The rollout backend a stage config names."""
+    if name == "hf":
+        return HFRollout(policy, tokenizer)
+    if name == "vllm":
+        if not env.device.startswith("cuda"):
+            raise RuntimeError("rolloutBackend 'vllm' needs a CUDA GPU; use 'hf' on CPU")
+        from .vllm_rollout import VLLMRollout
+
+        return VLLMRollout(policy, tokenizer, env, config)
+    raise ValueError(f"unknown rollout backend {name!r}; valid: {', '.join(ROLLOUT_BACKENDS)}")

@@ -100,6 +100,10 @@ class EncodedPrompts:
     image_grid_thw: torch.Tensor | None
     kept: list[int]
     dropped_too_long: list[int] = field(default_factory=list)
+    # The chat texts before image-token expansion and the images, per kept prompt:
+    # what engines that run their own multimodal processing (vLLM) take.
+    chat_texts: list[str] = field(default_factory=list)
+    images: list[list[Any]] = field(default_factory=list)
 
     def model_inputs(self, image_token_id: int) -> dict[str, torch.Tensor]:
         out = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
@@ -133,16 +137,18 @@ def encode_prompts(
     ``images[i]`` is the list of PIL images of ``questions[i]`` (may be empty).
     """
     merge = int(getattr(image_processor, "merge_size", 2) or 2)
-    texts, kept, dropped, vision = [], [], [], []
+    texts, chat_texts, kept, dropped, vision = [], [], [], [], []
     for i, (question, imgs) in enumerate(zip(questions, images)):
         feats = image_processor(images=list(imgs), return_tensors="pt") if imgs else None
         counts = [int(t.prod()) // merge**2 for t in feats["image_grid_thw"]] if feats else []
-        text = expand_image_tokens(render_prompt(tokenizer, question, len(imgs), system), counts)
+        chat = render_prompt(tokenizer, question, len(imgs), system)
+        text = expand_image_tokens(chat, counts)
         if len(tokenizer(text, add_special_tokens=False)["input_ids"]) > max_prompt_length:
             # Truncating would cut image tokens or the question: drop and count instead.
             dropped.append(i)
             continue
         texts.append(text)
+        chat_texts.append(chat)
         kept.append(i)
         if feats is not None:
             vision.append(feats)
@@ -152,7 +158,10 @@ def encode_prompts(
     enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
     pixel_values = torch.cat([v["pixel_values"] for v in vision]) if vision else None
     grid = torch.cat([v["image_grid_thw"] for v in vision]) if vision else None
-    return EncodedPrompts(enc["input_ids"], enc["attention_mask"], pixel_values, grid, kept, dropped)
+    return EncodedPrompts(
+        enc["input_ids"], enc["attention_mask"], pixel_values, grid, kept, dropped,
+        chat_texts=chat_texts, images=[list(images[i]) for i in kept],
+    )
 
 
 def repeat_vision(
