@@ -1,0 +1,303 @@
+"""Where a data set's rows come from: a hub name, a local path, or a storage URI.
+
+``DatasetRef.source`` is one of
+
+* a hub data set name (``lmms-lab/multimodal-open-r1-8k-verified``): read with
+  ``datasets.load_dataset`` (images arrive decoded, as PIL images);
+* a path or ``file://`` URI (``file://./x`` is relative to the working directory) of a
+  parquet, jsonl or json file, or of a directory holding such files;
+* ``pvc://claim/path``: the same, on the PVC mounted under ``VISIONR1_PVC_ROOT``;
+* ``s3://bucket/prefix``: a committed artifact there (fetched whole, images included),
+  a stage output whose ``dataset`` artifact is used, or plain objects (downloaded).
+
+A directory that is a stage's output (``<dir>/dataset/_COMMITTED.json``) is read through
+its committed ``dataset`` artifact, so the SFT stage can be pointed at the bridge stage's
+output URI. JSON and JSONL files are read line by line with the standard library rather
+than through Arrow: Arrow's JSON reader rejects a whole file when one row has a field of
+another type, and a broken row must be skipped and counted, not fail the stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+log = logging.getLogger(__name__)
+
+DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
+DATASET_ARTIFACT = "dataset"  # what the bridge stage commits under its output URI
+COMMIT_MARKER = "_COMMITTED.json"
+# Files that sit beside the data in our own artifacts and are not rows.
+NOT_DATA = {"stats.json", COMMIT_MARKER}
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?$")
+
+
+class DataSourceError(Exception):
+    """A data source that cannot be read at all (as opposed to a broken row)."""
+
+
+class BadRow:
+    """Stands in for a row that could not even be parsed (a torn JSON line)."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        self.reason, self.detail = reason, detail
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """Where downloaded files and images decoded from rows are kept."""
+    root = Path(cache_dir or os.environ.get("VISIONR1_CACHE_DIR")
+                or Path(tempfile.gettempdir()) / "visionr1-cache")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@dataclass
+class ResolvedSource:
+    """A source made readable: local data files, or a hub data set name."""
+
+    description: str  # the original source, for messages
+    files: list[Path] = field(default_factory=list)
+    base_dir: Path | None = None  # relative image paths are resolved against this
+    hub_name: str | None = None
+    saved_dataset: Path | None = None  # a ``Dataset.save_to_disk`` directory
+
+
+def resolve(source: str, split: str = "train", storage=None, cache_dir: str | Path | None = None) -> ResolvedSource:
+    """Turn ``DatasetRef.source`` into local files (downloading if needed) or a hub name."""
+    if source.startswith("s3://"):
+        local = _fetch_s3(source, storage, cache_root(cache_dir))
+        return _local(source, local, split)
+    if source.startswith("pvc://"):
+        from ..storage import open_store
+
+        return _local(source, Path(open_store(source).root), split)
+    if source.startswith("file://"):
+        return _local(source, Path(source[len("file://"):]), split)
+    path = Path(source)
+    if source.startswith("/") or path.exists() or path.suffix in DATA_SUFFIXES:
+        return _local(source, path, split)
+    if _HUB_NAME.match(source):
+        return ResolvedSource(source, hub_name=source)
+    raise DataSourceError(f"{source!r} is neither a path, a storage URI nor a hub data set name")
+
+
+def _local(description: str, path: Path, split: str) -> ResolvedSource:
+    if not path.exists():
+        raise DataSourceError(f"{description}: {path} does not exist")
+    if path.is_file():
+        if path.suffix not in DATA_SUFFIXES:
+            raise DataSourceError(f"{description}: {path.name} is not a parquet, jsonl or json file")
+        return ResolvedSource(description, [path], path.parent)
+    if (path / DATASET_ARTIFACT / COMMIT_MARKER).is_file():
+        path = path / DATASET_ARTIFACT  # a stage's output: read its committed data set
+    elif (path / DATASET_ARTIFACT).is_dir():
+        raise DataSourceError(f"{description}: {path / DATASET_ARTIFACT} is not committed yet "
+                              "(did the bridge stage finish?)")
+    if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
+        return ResolvedSource(description, base_dir=path, saved_dataset=path)
+    files = _pick_files(path, split)
+    if not files:
+        raise DataSourceError(f"{description}: no parquet, jsonl or json files under {path}")
+    return ResolvedSource(description, files, path)
+
+
+def _pick_files(directory: Path, split: str) -> list[Path]:
+    """The data files of ``split`` in a directory (all of them when none is named by split)."""
+    found = sorted(
+        p for p in directory.rglob("*")
+        if p.is_file() and p.suffix in DATA_SUFFIXES and p.name not in NOT_DATA
+        and not any(part.startswith((".", "_")) for part in p.relative_to(directory).parts)
+    )
+    # Hub layouts name files by split: train.jsonl, data/test-00000-of-00001.parquet.
+    named = [p for p in found if re.match(rf"^{re.escape(split)}([-_.]|$)", p.name)]
+    return named or found
+
+
+def _fetch_s3(uri: str, storage, cache: Path) -> Path:
+    """Download an s3:// data source into the cache; return the local file or directory."""
+    from ..storage import StorageError, open_store
+
+    endpoint = getattr(storage, "endpoint", None)
+    region = getattr(storage, "region", None)
+    local = cache / "s3" / hashlib.sha1(uri.encode()).hexdigest()[:16]
+    store = open_store(uri, endpoint_url=endpoint, region=region)
+    if store.is_committed(DATASET_ARTIFACT):  # a bridge stage's output URI
+        return _fetch_artifact(store, DATASET_ARTIFACT, local)
+    parent, _, name = uri.rstrip("/").rpartition("/")
+    if "/" in parent[len("s3://"):]:
+        parent_store = open_store(parent, endpoint_url=endpoint, region=region)
+        try:
+            if parent_store.is_committed(name):  # the URI of a committed artifact itself
+                return _fetch_artifact(parent_store, name, local)
+        except StorageError:
+            pass
+    return _download_objects(store, local)
+
+
+def _fetch_artifact(store, name: str, local: Path) -> Path:
+    shutil.rmtree(local, ignore_errors=True)
+    return store.fetch_dir(name, local)
+
+
+def _download_objects(store, local: Path) -> Path:
+    """Plain objects under an S3 prefix (or one object), mirrored into ``local``."""
+    client, bucket, prefix = store.client, store.bucket, store.prefix
+
+    def keys_under(p: str) -> list[str]:
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=p)
+        return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+
+    if prefix and prefix in keys_under(prefix):  # the URI names one object
+        target = local / Path(prefix).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        client.download_file(bucket, prefix, str(target))
+        return target
+    base = prefix.rstrip("/") + "/" if prefix else ""
+    keys = keys_under(base)
+    if not keys:
+        raise DataSourceError(f"{store.uri}: no objects there")
+    shutil.rmtree(local, ignore_errors=True)
+    for key in keys:
+        target = local / key[len(base):]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        client.download_file(bucket, key, str(target))
+    return local
+
+
+# --- rows -------------------------------------------------------------------------------
+
+
+def iter_rows(resolved: ResolvedSource, subset: str | None = None, split: str = "train") -> Iterator[dict | BadRow]:
+    """Every row of the source, in a stable order; unparsable rows come out as ``BadRow``."""
+    if resolved.hub_name is not None:
+        yield from _hub_rows(resolved.hub_name, subset, split)
+        return
+    if resolved.saved_dataset is not None:
+        yield from _saved_rows(resolved.saved_dataset, split)
+        return
+    for path in resolved.files:
+        if path.suffix == ".parquet":
+            yield from _parquet_rows(path)
+        else:
+            yield from _json_rows(path)
+
+
+def _json_rows(path: Path) -> Iterator[dict | BadRow]:
+    text = path.read_text(encoding="utf-8", errors="replace")
+    stripped = text.lstrip()
+    if path.suffix == ".json" and stripped.startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataSourceError(f"{path}: not valid JSON: {exc}") from None
+        for row in rows:
+            yield row if isinstance(row, dict) else BadRow("not_an_object")
+        return
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield BadRow("unparsable_row", str(exc))
+            continue
+        yield row if isinstance(row, dict) else BadRow("not_an_object")
+
+
+def _parquet_rows(path: Path) -> Iterator[dict]:
+    import datasets
+
+    ds = datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
+    yield from ds
+
+
+def _saved_rows(path: Path, split: str) -> Iterator[dict]:
+    import datasets
+
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataSourceError(f"{path}: no split {split!r} (has {sorted(ds)})")
+        ds = ds[split]
+    yield from ds
+
+
+def _hub_rows(name: str, subset: str | None, split: str) -> Iterator[dict]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, subset, split=split)
+    except Exception as exc:  # offline, unknown name, no such split: say which
+        raise DataSourceError(f"cannot load hub data set {name!r} (subset {subset!r}, split "
+                              f"{split!r}): {type(exc).__name__}: {exc}") from exc
+    yield from ds
+
+
+# --- images inside rows ------------------------------------------------------------------
+
+
+def materialize_image(value: Any, base_dir: Path | None, cache: Path, storage=None) -> str:
+    """A local file path for one image value of a row.
+
+    ``value`` is a path (absolute, relative to the data file, ``file://`` or ``s3://``),
+    raw bytes, a ``{"bytes": ..., "path": ...}`` dict (the ``datasets`` Image feature) or
+    a PIL image. Bytes and PIL images are written to the cache under their content hash.
+    Raises ``LookupError`` when the image does not exist, ``TypeError`` for other types.
+    """
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return _cache_bytes(value["bytes"], cache)
+        value = value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        return _cache_bytes(bytes(value), cache)
+    if hasattr(value, "save") and hasattr(value, "mode"):  # a PIL image
+        import io
+
+        buf = io.BytesIO()
+        value.save(buf, format="PNG")
+        return _cache_bytes(buf.getvalue(), cache)
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"image is {type(value).__name__}, expected a path, bytes or an image")
+    if value.startswith("s3://"):
+        return _cache_s3_object(value, cache, storage)
+    path = Path(value[len("file://"):] if value.startswith("file://") else value)
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    if not path.is_file():
+        raise LookupError(f"no image at {path}")
+    return str(path)
+
+
+def _cache_bytes(data: bytes, cache: Path) -> str:
+    target = cache / "images" / f"{hashlib.sha256(data).hexdigest()}.img"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+    return str(target)
+
+
+def _cache_s3_object(uri: str, cache: Path, storage=None) -> str:
+    from ..storage import open_store, parse_uri
+
+    parsed = parse_uri(uri)
+    target = cache / "s3-images" / hashlib.sha1(uri.encode()).hexdigest()[:20] / Path(parsed.path).name
+    if not target.is_file():
+        parent = f"s3://{parsed.netloc}"
+        store = open_store(parent, endpoint_url=getattr(storage, "endpoint", None),
+                           region=getattr(storage, "region", None))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            store.client.download_file(parsed.netloc, parsed.path, str(target))
+        except Exception as exc:
+            raise LookupError(f"cannot download {uri}: {exc}") from None
+    return str(target)
