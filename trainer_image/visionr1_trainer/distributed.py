@@ -133,3 +133,30 @@ def deepspeed_config(
         # "auto" values are filled in by transformers' HfDeepSpeedConfig from the model's
         # hidden size; without it DeepSpeed wants numbers.
     return config
+
+
+def parameter_fingerprint(model: torch.nn.Module) -> torch.Tensor:
+    """(num_tensors, 2) float64: each parameter's sum and sum of squares.
+
+    Cheap to compare across ranks; any rank that stepped differently changes it.
+    """
+    rows = [torch.stack([p.detach().double().sum(), p.detach().double().pow(2).sum()]) for p in model.parameters()]
+    return torch.stack(rows).cpu()
+
+
+def verify_replicas_identical(model: torch.nn.Module, env: DistEnv) -> bool:
+    """True when every rank holds exactly rank 0's parameters; raises when they diverged.
+
+    Data-parallel training relies on identical replicas: a rank that drifted (a missed
+    all-reduce, nondeterministic kernels applied unevenly) would silently train a
+    different model from the one rank 0 commits.
+    """
+    if env.backend is None:
+        return True
+    mine = parameter_fingerprint(model)
+    gathered = [torch.zeros_like(mine) for _ in range(env.world_size)]
+    dist.all_gather(gathered, mine if env.backend == "gloo" else mine.to(env.device))
+    diverged = [r for r, other in enumerate(gathered) if not torch.equal(other.cpu(), gathered[0].cpu())]
+    if diverged:
+        raise RuntimeError(f"ranks {diverged} hold different parameters from rank 0")
+    return True

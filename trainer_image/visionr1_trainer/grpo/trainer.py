@@ -27,7 +27,17 @@ import torch
 
 from ..checkpoint import CheckpointManager, open_stage_store, resolve_model_dir
 from ..config import GRPOStageConfig
-from ..distributed import DistEnv, all_reduce_mean, average_gradients, barrier, broadcast_parameters, init_distributed, shutdown
+from ..distributed import (
+    DistEnv,
+    all_reduce_mean,
+    average_gradients,
+    barrier,
+    broadcast_parameters,
+    init_distributed,
+    parameter_fingerprint,
+    shutdown,
+    verify_replicas_identical,
+)
 from ..metrics import StageMetrics
 from ..models.loading import load_vlm
 from ..models.vlm import IMAGE_TOKEN, encode_prompts
@@ -285,6 +295,9 @@ def train_stage(config: GRPOStageConfig, env: DistEnv, work: Path, metrics: Stag
                      stats["completion_length_mean"], stats["kl"])
         if (step + 1) % grpo.save_every_steps == 0 and step + 1 < total:
             save_checkpoint(state, ckpt, metrics, step + 1)
+    verify_replicas_identical(policy, env)
+    metrics.event("replicas", world_size=env.world_size, identical=True,
+                  fingerprint=float(parameter_fingerprint(policy).sum()))
     uri = None
     if env.is_main:
         save_checkpoint(state, ckpt, metrics, total)
