@@ -92,6 +92,7 @@ class CheckpointManager:
         extra: dict | None = None,
         processor_parts: tuple = (),
         extra_files: dict[str, Path] | None = None,
+        state_dict: dict | None = None,
     ) -> str:
         """Commit ``checkpoints/step-<step>``; keep only the newest ``keep_last``.
 
@@ -100,7 +101,7 @@ class CheckpointManager:
         """
 
         def write(directory: Path) -> None:
-            save_training_state(directory, model, optimizer, scheduler, step, extra or {})
+            save_training_state(directory, model, optimizer, scheduler, step, extra or {}, state_dict)
             for part in processor_parts:
                 part.save_pretrained(directory / "model")
             for name, path in (extra_files or {}).items():
@@ -134,11 +135,12 @@ class CheckpointManager:
             return None
         return load_training_state(found[1], model, optimizer, scheduler)
 
-    def commit_model(self, model, tokenizer=None, image_processor=None, metadata: dict | None = None) -> str:
+    def commit_model(self, model, tokenizer=None, image_processor=None, metadata: dict | None = None,
+                     state_dict: dict | None = None) -> str:
         """Commit the final model (Hugging Face format) as the artifact ``model``."""
 
         def write(directory: Path) -> None:
-            model.save_pretrained(directory)
+            model.save_pretrained(directory, state_dict=state_dict)
             for part in (tokenizer, image_processor):
                 if part is not None:
                     part.save_pretrained(directory)
@@ -146,15 +148,20 @@ class CheckpointManager:
         return self.commit(MODEL, write, metadata)
 
 
-def save_training_state(directory: Path, model, optimizer, scheduler, step: int, extra: dict) -> None:
-    """Weights (safetensors via save_pretrained) plus everything else needed to resume."""
+def save_training_state(directory: Path, model, optimizer, scheduler, step: int, extra: dict,
+                        state_dict: dict | None = None) -> None:
+    """Weights (safetensors via save_pretrained) plus everything else needed to resume.
+
+    ``state_dict``: the full weights when ``model`` holds only a shard (DeepSpeed ZeRO-3).
+    ``optimizer`` may be None when its state cannot be saved from one rank.
+    """
     import torch
 
-    model.save_pretrained(directory / "model")
+    model.save_pretrained(directory / "model", state_dict=state_dict)
     torch.save(
         {
             "step": step,
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "rng": rng_state(),
             "extra": extra,
@@ -164,7 +171,7 @@ def save_training_state(directory: Path, model, optimizer, scheduler, step: int,
 
 
 def load_training_state(directory: Path, model, optimizer, scheduler=None) -> tuple[int, dict]:
-    import torch
+    """Restore weights into ``model``, then optimizer, scheduler, RNG; returns (step, extra)."""
     from safetensors.torch import load_file
 
     weights = sorted((directory / "model").glob("*.safetensors"))
@@ -178,8 +185,16 @@ def load_training_state(directory: Path, model, optimizer, scheduler=None) -> tu
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     if unexpected or [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]:
         raise StorageError(f"checkpoint {directory} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return load_trainer_state(directory, optimizer, scheduler)
+
+
+def load_trainer_state(directory: Path, optimizer, scheduler=None) -> tuple[int, dict]:
+    """Everything but the weights (loaded with ``from_pretrained(directory / "model")``)."""
+    import torch
+
     state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    if optimizer is not None and state.get("optimizer") is not None:
+        optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])

@@ -56,7 +56,7 @@ class Rollout:
 class RolloutBackend(Protocol):
     def generate(self, prompts: EncodedPrompts, images_per_prompt: list[int], sampling: SamplingSettings) -> Rollout: ...
 
-    def sync_weights(self, model) -> None:
+    def sync_weights(self, engine) -> None:
         """Make the sampler's weights equal the policy's (after an optimizer step)."""
 
 
@@ -133,7 +133,7 @@ class HFRollout:
         completion = out[:, inputs["input_ids"].shape[1]:].cpu()
         return finish_rollout(completion, self.tokenizer, sampling.max_completion_length, time.perf_counter() - start)
 
-    def sync_weights(self, model) -> None:
+    def sync_weights(self, engine) -> None:
         return None  # samples from the trained module itself
 
 

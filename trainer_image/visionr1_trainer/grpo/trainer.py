@@ -25,12 +25,11 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import CheckpointManager, open_stage_store, resolve_model_dir
+from ..checkpoint import CheckpointManager, load_trainer_state, resolve_model_dir
 from ..config import GRPOStageConfig
 from ..distributed import (
     DistEnv,
     all_reduce_mean,
-    average_gradients,
     barrier,
     broadcast_parameters,
     init_distributed,
@@ -44,6 +43,7 @@ from ..models.vlm import IMAGE_TOKEN, encode_prompts
 from ..runtime import StageStopped, stop_requested
 from .algos import group_advantages, masked_mean, policy_loss
 from .batch import aggregation_weight, build_policy_batch, micro_batches, sequence_logprobs
+from .engine import make_engine
 from .reward import batch_rewards
 from .rollout import RolloutBackend, SamplingSettings, make_rollout
 
@@ -57,11 +57,10 @@ class GRPOState:
 
     config: GRPOStageConfig
     env: DistEnv
-    policy: Any
+    engine: Any  # TorchEngine or DeepSpeedEngine (engine.py)
     reference: Any | None
     tokenizer: Any
     image_processor: Any
-    optimizer: torch.optim.Optimizer
     rollout: RolloutBackend
     examples: list
     image_token_id: int
@@ -146,7 +145,7 @@ def grpo_step(state: GRPOState, step: int) -> dict[str, float]:
     }
     stats = {k: float(all_reduce_mean(torch.as_tensor(v, dtype=torch.float32), state.env)) for k, v in stats.items()}
     stats["step_seconds"] = time.perf_counter() - started
-    stats["learning_rate"] = state.optimizer.param_groups[0]["lr"]
+    stats["learning_rate"] = grpo.learning_rate
     return stats
 
 
@@ -160,7 +159,7 @@ def update_policy(state: GRPOState, batch, advantages: torch.Tensor) -> dict[str
     # Old log-probs are needed only when the policy moves before a row is trained on
     # (several mini-batches or passes); otherwise they equal the detached current ones.
     reuse = grpo.updates_per_batch > 1 or len(minis) > 1
-    old = frozen_logprobs(state.policy, batch, rows, grpo, device) if reuse else None
+    old = frozen_logprobs(state.engine.module, batch, rows, grpo, device) if reuse else None
     ref = frozen_logprobs(state.reference, batch, rows, grpo, device) if state.reference is not None else None
     totals: dict[str, list[torch.Tensor]] = {}
     train_tokens, started = int(batch.loss_mask.sum()) * grpo.updates_per_batch, time.perf_counter()
@@ -183,11 +182,11 @@ def frozen_logprobs(model, batch, rows, grpo, device) -> torch.Tensor:
 
 def train_minibatch(state: GRPOState, batch, mini: list[int], advantages, old, ref) -> dict[str, torch.Tensor]:
     """Accumulate gradients over micro-batches, average over ranks, clip, step."""
-    grpo, device = state.config.grpo, state.env.device
-    state.optimizer.zero_grad(set_to_none=True)
+    grpo, device, engine = state.config.grpo, state.env.device, state.engine
+    engine.zero_grad()
     acc: dict[str, torch.Tensor] = {}
     for micro in micro_batches(mini, grpo.micro_batch_size):
-        logprobs, entropy = sequence_logprobs(state.policy, batch, micro, grpo.temperature, device, with_entropy=True)
+        logprobs, entropy = sequence_logprobs(engine.module, batch, micro, grpo.temperature, device, with_entropy=True)
         mask = batch.loss_mask[micro].to(device)
         loss, stats = policy_loss(
             logprobs,
@@ -201,15 +200,12 @@ def train_minibatch(state: GRPOState, batch, mini: list[int], advantages, old, r
             aggregation=grpo.loss_aggregation,
         )
         weight = aggregation_weight(batch.loss_mask, micro, mini, grpo.loss_aggregation)
-        (loss * weight).backward()
+        engine.backward(loss * weight)
         stats = {**stats, "loss": loss.detach(), "entropy": masked_mean(entropy, mask)}
         for key, value in stats.items():
             acc[key] = acc.get(key, torch.tensor(0.0)) + value.detach().cpu() * weight
-    params = [p for p in state.policy.parameters() if p.requires_grad]
-    average_gradients(params, state.env)  # identical gradients -> identical weights on every rank
-    acc["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, grpo.max_grad_norm).detach().cpu()
-    state.optimizer.step()
-    state.rollout.sync_weights(state.policy)
+    acc["grad_norm"] = engine.step()
+    state.rollout.sync_weights(engine)
     return acc
 
 
@@ -230,11 +226,16 @@ def work_dir_for(config: GRPOStageConfig) -> Path:
     return Path("/tmp/visionr1") / config.run / config.stage
 
 
-def load_models(config: GRPOStageConfig, env: DistEnv, work: Path):
-    """Policy from the previous stage's model; a frozen copy of the same as the KL reference."""
+def load_models(config: GRPOStageConfig, env: DistEnv, work: Path, weights_dir: Path | None = None):
+    """The policy (from ``weights_dir``, a checkpoint, else the stage's starting model) and a
+    frozen copy of the starting model as the KL reference.
+
+    The reference is the stage's starting point on every attempt, also after a resume.
+    """
     source = resolve_model_dir(config.init_uri or config.model.name, config.storage, work)
     policy, tokenizer, image_processor = load_vlm(
-        source, config.model.dtype, config.model.attn_implementation, env.device, config.model.processor
+        str(weights_dir) if weights_dir else source, config.model.dtype, config.model.attn_implementation,
+        env.device, config.model.processor or source,
     )
     policy.train()
     reference = None
@@ -262,25 +263,28 @@ def train_stage(config: GRPOStageConfig, env: DistEnv, work: Path, metrics: Stag
 
     grpo, total = config.grpo, config.ptst.steps
     torch.manual_seed(grpo.seed + env.rank)
-    source, policy, reference, tokenizer, image_processor = load_models(config, env, work)
+    ckpt = CheckpointManager(config.output_uri, config.storage, work)
+    found = ckpt.restore_dir()  # resume: weights load before the engine partitions them
+    source, policy, reference, tokenizer, image_processor = load_models(
+        config, env, work, found[1] / "model" if found else None
+    )
     data = read_rl(config.data, config.storage)
     if not data.items:
         raise RuntimeError(f"{config.data.source}: no usable RL rows (skipped: {dict(data.skipped)})")
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=grpo.learning_rate, weight_decay=0.0)
-    ckpt = CheckpointManager(config.output_uri, config.storage, work)
-    restored = ckpt.load_latest(policy, optimizer)
-    start = restored[0] if restored else 0
-    if restored is None:
-        broadcast_parameters(policy, env)
-    restore_metrics_log(ckpt, metrics, start)
+    engine = make_engine(policy, env, grpo.learning_rate, grpo.deepspeed_zero_stage, _precision(config),
+                         grpo.micro_batch_size, grpo.max_grad_norm)
+    start = load_trainer_state(found[1], engine.checkpointable_optimizer)[0] if found else 0
+    if found is None:
+        broadcast_parameters(engine.module, env)
+    restore_metrics_log(found, metrics, start)
     state = GRPOState(
-        config, env, policy, reference, tokenizer, image_processor, optimizer,
-        make_rollout(grpo.rollout_backend, policy, tokenizer, env, config), data.items,
+        config, env, engine, reference, tokenizer, image_processor,
+        make_rollout(grpo.rollout_backend, engine.module, tokenizer, env, config), data.items,
         tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
     )
     metrics.set(total_steps=total)
     metrics.event("start", step=start, init=source, examples=len(data.items),
-                  skipped=dict(data.skipped), resumed=restored is not None, attempt=config.attempt)
+                  skipped=dict(data.skipped), resumed=found is not None, attempt=config.attempt)
     log.info("PTST stage %d/%d: %d x %d, steps %d..%d, from %s", config.ptst_index, config.ptst_total,
              config.ptst.max_completion_length, config.ptst.num_generations, start, total, source)
     for step in range(start, total):
@@ -295,13 +299,15 @@ def train_stage(config: GRPOStageConfig, env: DistEnv, work: Path, metrics: Stag
                      stats["completion_length_mean"], stats["kl"])
         if (step + 1) % grpo.save_every_steps == 0 and step + 1 < total:
             save_checkpoint(state, ckpt, metrics, step + 1)
-    verify_replicas_identical(policy, env)
+    verify_replicas_identical(engine.module, env)
     metrics.event("replicas", world_size=env.world_size, identical=True,
-                  fingerprint=float(parameter_fingerprint(policy).sum()))
+                  fingerprint=float(parameter_fingerprint(engine.module).sum()))
+    save_checkpoint(state, ckpt, metrics, total)
+    weights = engine.full_state_dict()  # collective under ZeRO-3: every rank takes part
     uri = None
     if env.is_main:
-        save_checkpoint(state, ckpt, metrics, total)
-        uri = ckpt.commit_model(policy, tokenizer, image_processor, {"stage": config.stage, "step": total})
+        uri = ckpt.commit_model(engine.module, tokenizer, image_processor,
+                                {"stage": config.stage, "step": total}, state_dict=weights)
     barrier(env)
     summary = stage_summary(state, total, total, uri)
     if env.is_main:
@@ -309,16 +315,22 @@ def train_stage(config: GRPOStageConfig, env: DistEnv, work: Path, metrics: Stag
     return summary
 
 
+def _precision(config: GRPOStageConfig) -> str:
+    return {"bfloat16": "bf16", "float16": "fp16"}.get(config.model.dtype, "fp32")
+
+
 def save_checkpoint(state: GRPOState, ckpt: CheckpointManager, metrics: StageMetrics, step: int) -> None:
-    """Commit the training state and the metrics log so far (rank 0; all ranks wait)."""
+    """Commit the training state and the metrics log so far (rank 0 writes; all ranks wait)."""
+    weights = state.engine.full_state_dict()  # collective under ZeRO-3
     if state.env.is_main:
         files = {METRICS_LOG: metrics.jsonl_path} if metrics.jsonl_path else {}
-        uri = ckpt.save(step, state.policy, state.optimizer, extra_files=files)
+        uri = ckpt.save(step, state.engine.module, state.engine.checkpointable_optimizer,
+                        extra_files=files, state_dict=weights)
         metrics.event("checkpoint", step=step, uri=uri)
     barrier(state.env)
 
 
-def restore_metrics_log(ckpt: CheckpointManager, metrics: StageMetrics, step: int) -> None:
+def restore_metrics_log(found: tuple[str, Path] | None, metrics: StageMetrics, step: int) -> None:
     """After a resume, the log holds exactly the steps up to the checkpoint.
 
     A fresh pod starts with an empty work dir: the log comes back from the checkpoint.
@@ -328,19 +340,19 @@ def restore_metrics_log(ckpt: CheckpointManager, metrics: StageMetrics, step: in
     path = metrics.jsonl_path
     if path is None:
         return
-    found = ckpt.restore_dir() if step else None
-    lines = []
-    source = found[1] / METRICS_LOG if found and (found[1] / METRICS_LOG).exists() else None
-    if source is not None:
-        lines = source.read_text().splitlines()
+    saved = found[1] / METRICS_LOG if found else None
+    if saved is not None and saved.exists():
+        lines = saved.read_text().splitlines()
     elif path.exists() and step:
         lines = path.read_text().splitlines()
+    else:
+        lines = []
     kept = []
     for line in lines:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            continue
+            continue  # torn by a kill
         if record.get("type") != "step" or record.get("step", 0) <= step:
             kept.append(line)
     metrics.close()

@@ -60,14 +60,13 @@ def pad_completions(token_lists: Iterable[list[int]], pad_id: int) -> torch.Tens
     return torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
-def policy_weights(model: torch.nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
+def policy_weights(state_dict: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
     """The policy's parameters under the names the Hugging Face checkpoint uses.
 
     vLLM's Qwen2.5-VL ``load_weights`` maps checkpoint names itself (both the
     ``model.language_model.*`` and the older ``model.*``/``visual.*`` layouts).
     """
-    for name, param in model.state_dict().items():
-        yield name, param.detach()
+    return [(name, tensor.detach()) for name, tensor in state_dict.items()]
 
 
 class VLLMRollout:
@@ -106,9 +105,12 @@ class VLLMRollout:
         ids = pad_completions(tokens, self.tokenizer.pad_token_id)
         return finish_rollout(ids, self.tokenizer, sampling.max_completion_length, time.perf_counter() - start)
 
-    def sync_weights(self, model) -> None:
-        """Push the policy's current weights into the engine (after an optimizer step)."""
-        weights = list(policy_weights(model))
+    def sync_weights(self, engine) -> None:
+        """Push the policy's current weights into vLLM (after an optimizer step).
+
+        ``engine.full_state_dict()`` is collective under ZeRO-3, so every rank calls it.
+        """
+        weights = policy_weights(engine.full_state_dict())
 
         def load(worker, weights=weights):
             worker.model_runner.model.load_weights(weights=weights)
