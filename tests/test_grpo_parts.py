@@ -1,0 +1,118 @@
+"""Pure parts of the GRPO engine: data order, micro-batch weighting, guards, vLLM requests."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from visionr1_trainer.distributed import DistEnv, deepspeed_config
+from visionr1_trainer.grpo.algos import policy_loss
+from visionr1_trainer.grpo.batch import aggregation_weight, build_policy_batch, micro_batches, sequence_logprobs
+from visionr1_trainer.grpo.rollout import finish_rollout
+from visionr1_trainer.grpo.trainer import batch_indices, rank_share
+from visionr1_trainer.grpo.vllm_rollout import pad_completions, sampling_kwargs, vllm_requests
+from visionr1_trainer.grpo.rollout import SamplingSettings
+from visionr1_trainer.models.loading import load_vlm
+from visionr1_trainer.models.tiny import build_tiny_vlm
+from visionr1_trainer.models.vlm import IMAGE_TOKEN, encode_prompts, repeat_vision
+
+import pytest
+
+
+def test_batch_indices_are_a_pure_function_of_seed_and_step_and_cover_each_epoch():
+    assert batch_indices(3, 10, 4, seed=7) == batch_indices(3, 10, 4, seed=7)
+    assert batch_indices(0, 10, 4, seed=7) != batch_indices(0, 10, 4, seed=8)
+    epoch = batch_indices(0, 12, 4, 1) + batch_indices(1, 12, 4, 1) + batch_indices(2, 12, 4, 1)
+    assert sorted(epoch) == list(range(12))  # one epoch = a permutation
+    wrap = batch_indices(2, 10, 4, 1)  # crosses the epoch boundary: 2 from epoch 0, 2 from epoch 1
+    assert len(wrap) == 4 and all(0 <= i < 10 for i in wrap)
+
+
+def test_rank_share_splits_a_batch_without_overlap():
+    idx = list(range(8))
+    shares = [rank_share(idx, DistEnv(r, 3, r, "cpu", "gloo")) for r in range(3)]
+    assert sorted(sum(shares, [])) == idx
+
+
+@pytest.mark.parametrize("aggregation", ["sequence_mean", "token_mean"])
+def test_micro_batch_accumulation_equals_the_full_batch_loss(aggregation):
+    torch.manual_seed(0)
+    B, T = 6, 5
+    lp = torch.randn(B, T, requires_grad=True)
+    old, ref = lp.detach() + 0.1 * torch.randn(B, T), lp.detach() + 0.1 * torch.randn(B, T)
+    adv = torch.randn(B)
+    mask = (torch.rand(B, T) > 0.3).long()
+    mask[2] = 0  # a fully masked row
+    full, _ = policy_loss(lp, old, ref, adv, mask, aggregation=aggregation)
+    rows = list(range(B))
+    acc = sum(
+        policy_loss(lp[m], old[m], ref[m], adv[m], mask[m], aggregation=aggregation)[0]
+        * aggregation_weight(mask, m, rows, aggregation)
+        for m in micro_batches(rows, 4)
+    )
+    assert torch.allclose(acc, full, atol=1e-6)
+
+
+def test_deepspeed_config_zero3():
+    cfg = deepspeed_config(3, "bf16", micro_batch_size=1, gradient_accumulation_steps=8, max_grad_norm=1.0, world_size=16)
+    assert cfg["train_batch_size"] == 128 and cfg["zero_optimization"]["stage"] == 3
+    assert cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"]
+    assert cfg["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    with pytest.raises(ValueError):
+        deepspeed_config(0, "bf16", 1, 1, 1.0, 1)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = build_tiny_vlm(tmp_path_factory.mktemp("tiny"))
+    return load_vlm(str(d), "float32")
+
+
+def test_sampled_image_token_is_masked_and_the_forward_does_not_crash(tiny):
+    model, tok, ip = tiny
+    image = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    enc = encode_prompts(tok, ip, ["What color?"], [[Image.new("RGB", (56, 56), "red")]], 64)
+    eos, word = tok.eos_token_id, tok.convert_tokens_to_ids("<think>")
+    raw = torch.tensor([[word, image, word, eos], [word, word, eos, tok.pad_token_id]])
+    rollout = finish_rollout(raw, tok, 4, 0.0)
+    assert rollout.vision_token_rows.tolist() == [True, False]
+    batch = build_policy_batch(enc, [1], rollout, 2, tok, image)
+    assert batch.loss_mask[0].sum() == 0 and batch.loss_mask[1].sum() == 3
+    assert (batch.completion_ids == image).sum() == 0  # replaced by padding
+    logprobs, entropy = sequence_logprobs(model, batch, [0, 1], 1.0, "cpu", with_entropy=True)
+    assert logprobs.shape == (2, 4) and torch.isfinite(logprobs).all() and entropy.shape == (2, 4)
+
+
+def test_too_long_prompts_are_dropped_and_reported_not_cut_into_image_tokens(tiny):
+    _, tok, ip = tiny
+    img = [Image.new("RGB", (56, 56), "blue")]
+    enc = encode_prompts(tok, ip, ["short?", "a much longer question " * 20], [img, img], 48)
+    assert enc.kept == [0] and enc.dropped_too_long == [1]
+    assert (enc.input_ids == tok.convert_tokens_to_ids(IMAGE_TOKEN)).sum() == 4
+    assert len(enc.chat_texts) == 1 and len(enc.images) == 1
+
+
+def test_repeat_vision_follows_prompt_major_group_order(tiny):
+    _, tok, ip = tiny
+    imgs = [[Image.new("RGB", (56, 56), "red")], [Image.new("RGB", (112, 56), "blue"), Image.new("RGB", (56, 56), "green")]]
+    enc = encode_prompts(tok, ip, ["a", "b"], imgs, 200)
+    pv, grid = repeat_vision(enc.pixel_values, enc.image_grid_thw, [1, 2], 2)
+    patches = enc.image_grid_thw.prod(dim=1).tolist()  # per image
+    chunks = torch.split(enc.pixel_values, patches)
+    expected = torch.cat([chunks[0], chunks[0], chunks[1], chunks[2], chunks[1], chunks[2]])
+    assert torch.equal(pv, expected)
+    assert grid.tolist() == [enc.image_grid_thw[i].tolist() for i in (0, 0, 1, 2, 1, 2)]
+
+
+def test_vllm_request_building_is_pure():
+    img = Image.new("RGB", (8, 8))
+
+    class Enc:
+        chat_texts = ["p0", "p1"]
+        images = [[img], []]
+
+    assert vllm_requests(Enc) == [{"prompt": "p0", "multi_modal_data": {"image": [img]}}, {"prompt": "p1"}]
+    kw = sampling_kwargs(SamplingSettings(16, 4096, 1.0, 0.95), seed=3, banned=[7, 9])
+    assert kw["n"] == 16 and kw["max_tokens"] == 4096 and kw["top_p"] == 0.95
+    assert kw["logit_bias"] == {7: -100.0, 9: -100.0} and kw["seed"] == 3
+    assert pad_completions([[1, 2, 3], [4]], 0).tolist() == [[1, 2, 3], [4, 0, 0]]
