@@ -194,6 +194,22 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
+def token_logprobs_and_entropy(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``token_logprobs`` and the entropy of the same (temperature-scaled) distributions.
+
+    One ``log_softmax`` over the vocabulary serves both: at 150K vocabulary entries it
+    is the largest tensor of the step. The entropy is a statistic and carries no gradient.
+    Shapes: logits ``(B, T, V)``, tokens ``(B, T)`` -> two ``(B, T)``.
+    """
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    chosen = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        entropy = -(logp.exp() * logp).sum(dim=-1)
+    return chosen, entropy
+
+
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of each position's distribution, ``(B, T, V) -> (B, T)``, in float32."""
     logp = torch.log_softmax(logits.float(), dim=-1)

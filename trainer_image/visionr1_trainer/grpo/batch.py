@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 
 from ..models.vlm import EncodedPrompts, mm_token_types
-from .algos import token_entropy, token_logprobs
+from .algos import token_logprobs, token_logprobs_and_entropy
 from .rollout import Rollout, vision_token_ids
 
 
@@ -117,9 +117,9 @@ def sequence_logprobs(
     out = model(**batch.model_inputs(rows, device), logits_to_keep=T + 1, use_cache=False)
     logits = out.logits[:, :-1, :]  # position t predicts completion token t
     targets = batch.completion_ids[list(rows)].to(logits.device)
-    logprobs = token_logprobs(logits, targets, temperature)
-    entropy = token_entropy(logits.detach()) if with_entropy else None
-    return logprobs, entropy
+    if with_entropy:
+        return token_logprobs_and_entropy(logits, targets, temperature)
+    return token_logprobs(logits, targets, temperature), None
 
 
 def micro_batches(rows: Sequence[int], size: int) -> list[list[int]]:

@@ -95,7 +95,7 @@ class HFRollout:
 
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer
-        self._suppress = [[t] for t in vision_token_ids(tokenizer)]
+        self._suppress = vision_token_ids(tokenizer)
 
     @torch.no_grad()
     def generate(self, prompts: EncodedPrompts, images_per_prompt: list[int], sampling: SamplingSettings) -> Rollout:
@@ -122,8 +122,9 @@ class HFRollout:
                 top_p=sampling.top_p,
                 top_k=0,
                 max_new_tokens=sampling.max_completion_length,
-                min_new_tokens=1,
-                bad_words_ids=self._suppress or None,
+                # suppress_tokens is a plain index fill per step; bad_words_ids would
+                # re-scan every sequence for multi-token matches.
+                suppress_tokens=self._suppress or None,
                 pad_token_id=self.tokenizer.pad_token_id,
                 eos_token_id=self.tokenizer.eos_token_id,
                 use_cache=True,
