@@ -60,11 +60,11 @@ def build_tokenizer(corpus: Iterable[str] = (), vocab_size: int = 512):
     return hf
 
 
-def build_image_processor():
-    """Qwen2-VL's image processor (PIL backend: no torchvision), fixed to 56x56."""
+def build_image_processor(image_side: int = IMAGE_SIDE):
+    """Qwen2-VL's image processor (PIL backend: no torchvision), images at about image_side^2 pixels."""
     from transformers import Qwen2VLImageProcessorPil
 
-    pixels = IMAGE_SIDE * IMAGE_SIDE
+    pixels = image_side * image_side
     return Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels)
 
 
@@ -113,7 +113,8 @@ def tiny_config(tokenizer, hidden_size: int = 64, layers: int = 2):
     )
 
 
-def build_tiny_vlm(save_dir: str | Path, corpus: Iterable[str] = (), seed: int = 0, **config_kwargs) -> Path:
+def build_tiny_vlm(save_dir: str | Path, corpus: Iterable[str] = (), seed: int = 0,
+                   image_side: int = IMAGE_SIDE, **config_kwargs) -> Path:
     """Build, initialise (seeded) and save a tiny Qwen2.5-VL with its tokenizer and processor.
 
     The directory then loads like any hub checkpoint (``load_vlm``).
@@ -129,5 +130,5 @@ def build_tiny_vlm(save_dir: str | Path, corpus: Iterable[str] = (), seed: int =
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(save_dir)
     tokenizer.save_pretrained(save_dir)
-    build_image_processor().save_pretrained(save_dir)
+    build_image_processor(image_side).save_pretrained(save_dir)
     return save_dir
