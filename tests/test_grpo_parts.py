@@ -14,7 +14,9 @@ from visionr1_trainer.grpo.vllm_rollout import pad_completions, sampling_kwargs,
 from visionr1_trainer.grpo.rollout import SamplingSettings
 from visionr1_trainer.models.loading import load_vlm
 from visionr1_trainer.models.tiny import build_tiny_vlm
-from visionr1_trainer.models.vlm import IMAGE_TOKEN, encode_prompts, repeat_vision
+from visionr1_trainer.models.vlm import IMAGE_TOKEN, encode_prompts, mm_token_types
+from visionr1_trainer.grpo.rollout import vision_token_ids
+from visionr1_trainer.grpo.sampler import generate_groups, sample_next
 
 import pytest
 
@@ -92,16 +94,64 @@ def test_too_long_prompts_are_dropped_and_reported_not_cut_into_image_tokens(tin
     assert len(enc.chat_texts) == 1 and len(enc.images) == 1
 
 
-def test_repeat_vision_follows_prompt_major_group_order(tiny):
-    _, tok, ip = tiny
-    imgs = [[Image.new("RGB", (56, 56), "red")], [Image.new("RGB", (112, 56), "blue"), Image.new("RGB", (56, 56), "green")]]
-    enc = encode_prompts(tok, ip, ["a", "b"], imgs, 200)
-    pv, grid = repeat_vision(enc.pixel_values, enc.image_grid_thw, [1, 2], 2)
-    patches = enc.image_grid_thw.prod(dim=1).tolist()  # per image
-    chunks = torch.split(enc.pixel_values, patches)
-    expected = torch.cat([chunks[0], chunks[0], chunks[1], chunks[2], chunks[1], chunks[2]])
-    assert torch.equal(pv, expected)
-    assert grid.tolist() == [enc.image_grid_thw[i].tolist() for i in (0, 0, 1, 2, 1, 2)]
+def _three_prompts(tok, ip):
+    imgs = [[Image.new("RGB", (56, 56), "red")], [Image.new("RGB", (112, 56), "blue")],
+            [Image.new("RGB", (56, 56), "green")]]
+    questions = ["What color?", "What color is it now, please? Think.", "<image>What color is the image?"]
+    return encode_prompts(tok, ip, questions, imgs, 128)  # three lengths: left padding differs
+
+
+def test_shared_prefix_sampler_decodes_exactly_what_generate_decodes(tiny):
+    """Greedy decoding: one prefill per prompt + cache repeated G times == generate on G copies."""
+    model, tok, ip = tiny
+    image = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    enc, group = _three_prompts(tok, ip), 3
+    ours, _, _ = generate_groups(model, enc, group, 12, 0.0, 1.0, tok.eos_token_id, tok.pad_token_id, image)
+    ids = enc.input_ids.repeat_interleave(group, 0)
+    chunks = torch.split(enc.pixel_values, enc.image_grid_thw.prod(dim=1).tolist())  # one per image
+    pixels = torch.cat([chunk for chunk in chunks for _ in range(group)])
+    grid = enc.image_grid_thw.repeat_interleave(group, 0)
+    theirs = model.generate(
+        input_ids=ids, attention_mask=enc.attention_mask.repeat_interleave(group, 0), pixel_values=pixels,
+        image_grid_thw=grid, mm_token_type_ids=mm_token_types(ids, image), do_sample=False, max_new_tokens=12,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+    )[:, ids.shape[1]:]
+    assert torch.equal(ours[:, : theirs.shape[1]], theirs)
+
+
+def test_sampler_log_probs_match_the_training_forward(tmp_path):
+    """The positions, cache and images the sampler uses are those the trainer scores with.
+
+    A warmed-up model (varied outputs) samples at temperature 1; the training forward on
+    the full sequences must give the sampler's own log-probs back, up to the mass of the
+    suppressed vision tokens (which the sampler renormalises away).
+    """
+    from grpo_harness import build_warm_model
+
+    model, tok, ip = load_vlm(str(build_warm_model(tmp_path / "m", steps=20)), "float32")
+    image = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    enc, group = _three_prompts(tok, ip), 3
+    torch.manual_seed(0)
+    ids, sampled_lp, secs = generate_groups(model, enc, group, 24, 1.0, 1.0, tok.eos_token_id, tok.pad_token_id,
+                                            image, vision_token_ids(tok))
+    rollout = finish_rollout(ids, tok, 24, secs)
+    batch = build_policy_batch(enc, [1, 1, 1], rollout, group, tok, image)
+    with torch.no_grad():
+        train_lp, _ = sequence_logprobs(model, batch, range(batch.rows), 1.0, "cpu")
+    mask = rollout.mask.bool()
+    assert mask.sum() > 20
+    assert (train_lp[mask] - sampled_lp[mask]).abs().max() < 0.05
+
+
+def test_sample_next_greedy_and_nucleus():
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 0.0]])
+    assert sample_next(logits, 0.0, 1.0).tolist() == [1, 0]
+    torch.manual_seed(0)
+    # top_p 0.5: only the most likely token of each row survives
+    draws = torch.stack([sample_next(logits, 1.0, 0.5) for _ in range(50)])
+    assert (draws == torch.tensor([1, 0])).all()
+    draws = torch.stack([sample_next(logits, 1.0, 1.0) for _ in range(200)])
+    assert set(draws[:, 0].tolist()) == {0, 1, 2}
 
 
 def test_vllm_request_building_is_pure():

@@ -216,11 +216,14 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(dim=-1)
 
 
-def completion_mask(completion_ids: torch.Tensor, eos_token_id: int, pad_token_id: int) -> torch.Tensor:
+def completion_mask(completion_ids: torch.Tensor, eos_token_id: int, pad_token_id: int | None = None) -> torch.Tensor:
     """1 on tokens up to and including the first EOS of each row, 0 after it.
 
     Args: ``completion_ids`` ``(B, T)``. Returns ``(B, T)`` long. A row with no EOS
-    (truncated by the length cap) is all ones up to padding.
+    (truncated by the length cap) is all ones. Only the EOS position counts: a padding
+    id *sampled* before EOS is a real token the sampler attended to, and masking it
+    would make the training forward see a different sequence from the one sampled.
+    (``pad_token_id`` is accepted for call-site symmetry and not used.)
     """
     is_eos = completion_ids == eos_token_id
     # Position of the first EOS (or T when none); tokens after it are padding.
@@ -228,7 +231,4 @@ def completion_mask(completion_ids: torch.Tensor, eos_token_id: int, pad_token_i
         is_eos.any(dim=1), is_eos.int().argmax(dim=1), torch.full_like(is_eos[:, 0], is_eos.shape[1], dtype=torch.long)
     )
     positions = torch.arange(completion_ids.shape[1], device=completion_ids.device).unsqueeze(0)
-    mask = positions <= first_eos.unsqueeze(1)
-    if pad_token_id != eos_token_id:
-        mask &= completion_ids != pad_token_id
-    return mask.long()
+    return (positions <= first_eos.unsqueeze(1)).long()

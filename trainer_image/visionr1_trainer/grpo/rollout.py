@@ -1,8 +1,9 @@
 """Rollouts: sample ``numGenerations`` completions per prompt, within the PTST length budget.
 
 One interface, two backends:
-- ``HFRollout``: transformers ``generate`` (batched, KV cache), CPU or GPU, on the policy
-  being trained itself, so its weights are always current.
+- ``HFRollout``: a transformers model with a KV cache shared by each prompt's group
+  (``sampler.py``), CPU or GPU, on the policy being trained itself, so its weights are
+  always current.
 - ``VLLMRollout`` (``vllm_rollout.py``): a colocated vLLM engine on the stage's GPUs whose
   weights are refreshed from the policy after every optimizer step.
 
@@ -17,8 +18,9 @@ from typing import Protocol
 
 import torch
 
-from ..models.vlm import EncodedPrompts, repeat_vision
+from ..models.vlm import EncodedPrompts
 from .algos import completion_mask
+from .sampler import generate_groups
 
 # Tokens that must never appear in a completion: the model would count them as image
 # slots on the training forward pass and fail with "image features and image tokens do
@@ -91,48 +93,31 @@ def finish_rollout(completion_ids: torch.Tensor, tokenizer, max_len: int, second
 
 
 class HFRollout:
-    """Sampling with ``model.generate`` on the policy itself (no weight sync needed)."""
+    """Sampling with the policy itself (transformers model, no weight sync needed).
 
-    def __init__(self, model, tokenizer):
+    Uses ``generate_groups``: each prompt and its images are encoded once and the KV
+    cache is shared by the group, where ``generate`` would encode every copy.
+    """
+
+    def __init__(self, model, tokenizer, image_token_id: int | None = None):
         self.model, self.tokenizer = model, tokenizer
-        self._suppress = vision_token_ids(tokenizer)
+        self.suppress = vision_token_ids(tokenizer)
+        self.image_token_id = image_token_id if image_token_id is not None else tokenizer.convert_tokens_to_ids(
+            "<|image_pad|>"
+        )
 
-    @torch.no_grad()
     def generate(self, prompts: EncodedPrompts, images_per_prompt: list[int], sampling: SamplingSettings) -> Rollout:
-        import time
-
-        g = sampling.num_generations
-        pixel_values, grid = repeat_vision(prompts.pixel_values, prompts.image_grid_thw, images_per_prompt, g)
-        inputs = {
-            "input_ids": prompts.input_ids.repeat_interleave(g, dim=0),  # prompt-major groups
-            "attention_mask": prompts.attention_mask.repeat_interleave(g, dim=0),
-        }
-        if pixel_values is not None:
-            inputs |= {"pixel_values": pixel_values, "image_grid_thw": grid}
-        device = next(self.model.parameters()).device
-        inputs = {k: v.to(device) for k, v in inputs.items()}
-        start = time.perf_counter()
         was_training = self.model.training
         self.model.eval()
         try:
-            out = self.model.generate(
-                **inputs,
-                do_sample=True,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                top_k=0,
-                max_new_tokens=sampling.max_completion_length,
-                # suppress_tokens is a plain index fill per step; bad_words_ids would
-                # re-scan every sequence for multi-token matches.
-                suppress_tokens=self._suppress or None,
-                pad_token_id=self.tokenizer.pad_token_id,
-                eos_token_id=self.tokenizer.eos_token_id,
-                use_cache=True,
+            ids, _, seconds = generate_groups(
+                self.model, prompts, sampling.num_generations, sampling.max_completion_length,
+                sampling.temperature, sampling.top_p, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id,
+                self.image_token_id, self.suppress,
             )
         finally:
             self.model.train(was_training)
-        completion = out[:, inputs["input_ids"].shape[1]:].cpu()
-        return finish_rollout(completion, self.tokenizer, sampling.max_completion_length, time.perf_counter() - start)
+        return finish_rollout(ids, self.tokenizer, sampling.max_completion_length, seconds)
 
     def sync_weights(self, engine) -> None:
         return None  # samples from the trained module itself

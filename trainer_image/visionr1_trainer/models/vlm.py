@@ -162,31 +162,3 @@ def encode_prompts(
         enc["input_ids"], enc["attention_mask"], pixel_values, grid, kept, dropped,
         chat_texts=chat_texts, images=[list(images[i]) for i in kept],
     )
-
-
-def repeat_vision(
-    pixel_values: torch.Tensor | None,
-    image_grid_thw: torch.Tensor | None,
-    images_per_prompt: Sequence[int],
-    times: int,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Repeat each prompt's images ``times`` times, keeping the prompt-major order.
-
-    Prompts are repeated with ``repeat_interleave`` for the GRPO group (prompt 0 x G,
-    prompt 1 x G, ...); the vision tensors must follow the same order, image by image,
-    which a plain ``repeat`` of the whole batch would get wrong.
-    """
-    if pixel_values is None or image_grid_thw is None:
-        return None, None
-    patches = image_grid_thw.prod(dim=1).tolist()  # patches per image
-    chunks = list(torch.split(pixel_values, patches))
-    pv, grid, image = [], [], 0
-    for count in images_per_prompt:
-        mine = range(image, image + count)
-        for _ in range(times):
-            pv.extend(chunks[j] for j in mine)
-            grid.extend(image_grid_thw[j] for j in mine)
-        image += count
-    if not pv:
-        return None, None
-    return torch.cat(pv), torch.stack(grid)

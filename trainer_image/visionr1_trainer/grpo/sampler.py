@@ -1,0 +1,93 @@
+"""Group sampling with a shared prompt prefix: each prompt (and its images) is encoded once.
+
+GRPO samples ``G`` completions of every prompt. ``generate`` on the prompt repeated G
+times runs the prompt, and the vision encoder on its images, G times over. Here the
+prompt is prefilled once, its KV cache is repeated G times (prompt-major, the order the
+trainer expects), and a lean decoding loop samples all ``P * G`` rows together. The
+tokens are those ``generate`` would sample from the same distributions (greedy decoding
+gives identical sequences; see the tests).
+
+Positions: Qwen2-VL / Qwen2.5-VL give text tokens after an image the rotary position
+``index + rope_delta`` (the delta the prefill computed per row, stored on the model);
+other causal LMs use ``index``. Left padding is not counted in the index.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..models.vlm import EncodedPrompts
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """One token per row from ``(B, V)`` logits: greedy at temperature 0, else nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens before it already cover top_p (the first always stays).
+        drop = probs.cumsum(dim=-1) - probs > top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1).squeeze(-1)
+
+
+def _rope_deltas(model) -> torch.Tensor | None:
+    inner = getattr(model, "model", None)
+    return getattr(inner, "rope_deltas", None)
+
+
+@torch.no_grad()
+def generate_groups(
+    model,
+    prompts: EncodedPrompts,
+    group_size: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    eos_token_id: int,
+    pad_token_id: int,
+    image_token_id: int,
+    suppress_token_ids: list[int] = (),
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(P * G, T)`` completion ids (right-padded with ``pad_token_id``), ``(P * G, T)`` the
+    sampler's log-probs of those tokens (temperature-scaled; a check on the trainer's own
+    forward pass), and the seconds taken."""
+    start = time.perf_counter()
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in prompts.model_inputs(image_token_id).items()}
+    out = model(**inputs, use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(group_size)  # prompt-major: p0 x G, p1 x G, ...
+    rows = inputs["input_ids"].shape[0] * group_size
+    attention = inputs["attention_mask"].repeat_interleave(group_size, dim=0)
+    real_len = attention.sum(dim=1)  # prompt tokens, padding excluded
+    deltas = _rope_deltas(model)
+    deltas = deltas.to(device).repeat_interleave(group_size, dim=0).view(-1) if deltas is not None else None
+    logits = out.logits[:, -1].repeat_interleave(group_size, dim=0)
+    suppress = torch.as_tensor(list(suppress_token_ids), dtype=torch.long, device=device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    tokens, logprobs = [], []
+    for step in range(max_new_tokens):
+        if suppress.numel():
+            logits[:, suppress] = float("-inf")
+        nxt = sample_next(logits, temperature, top_p)
+        nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
+        scaled = logits.float() / temperature if temperature > 0 else logits.float()
+        logprobs.append(torch.log_softmax(scaled, dim=-1).gather(-1, nxt.unsqueeze(-1)).squeeze(-1))
+        tokens.append(nxt)
+        finished |= nxt == eos_token_id
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            break
+        attention = torch.cat([attention, attention.new_ones(rows, 1)], dim=1)
+        position = (real_len + step).unsqueeze(1)  # (rows, 1): index of the token being fed
+        if deltas is not None:  # M-RoPE: the same position on the t, h, w axes for text
+            position = (position + deltas.unsqueeze(1)).unsqueeze(0).expand(3, -1, -1)
+        out = model(input_ids=nxt.unsqueeze(1), attention_mask=attention, position_ids=position,
+                    past_key_values=cache, use_cache=True)
+        logits = out.logits[:, -1]
+    return torch.stack(tokens, dim=1).cpu(), torch.stack(logprobs, dim=1).cpu(), time.perf_counter() - start
