@@ -111,6 +111,7 @@ def run_trl(model_dir: Path, problems, args, out_dir: Path):
         per_device_train_batch_size=args.prompts * args.group, gradient_accumulation_steps=1,
         num_generations=args.group, max_completion_length=args.max_len, temperature=1.0, top_p=1.0, top_k=0,
         beta=args.beta, epsilon=0.2, epsilon_high=0.2, loss_type="grpo", num_iterations=1, scale_rewards="group",
+        use_bias_correction_kl=False,  # TRL 1.16 defaults to weighting the KL by the ratio; GRPO does not
         use_vllm=False, use_cpu=True, bf16=False, fp16=False, logging_steps=1, report_to=[], save_strategy="no",
         seed=0, dataloader_num_workers=0, disable_dropout=True, shuffle_dataset=True,
     )
@@ -174,7 +175,20 @@ def equal_loss_check(state: GRPOState, trainer, problems, args) -> dict:
         trainer.model.load_state_dict(policy.state_dict())
         trainer.model.eval()
         theirs = trainer._compute_loss(trainer.model, trl_inputs)
-    return {"visionr1": float(ours), "trl": float(theirs), "abs_diff": abs(float(ours) - float(theirs))}
+        # The same objective on TRL's own log-probs: isolates the loss math from the
+        # forward pass (batching and kernel order differ in the last float32 digits).
+        trl_logprobs, _, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model, torch.cat([trl_inputs["prompt_ids"], batch.completion_ids], 1),
+            torch.cat([trl_inputs["prompt_mask"], batch.loss_mask], 1), batch.completion_len,
+        )
+        ours_on_trl_logprobs, _ = policy_loss(trl_logprobs, old, ref, advantages, batch.loss_mask, 0.2, 0.2,
+                                              args.beta, "sequence_mean")
+    return {
+        "visionr1": float(ours), "trl": float(theirs), "abs_diff": abs(float(ours) - float(theirs)),
+        "visionr1_on_trl_logprobs": float(ours_on_trl_logprobs),
+        "abs_diff_same_logprobs": abs(float(ours_on_trl_logprobs) - float(theirs)),
+        "max_logprob_diff": float((trl_logprobs - logprobs)[batch.loss_mask.bool()].abs().max()),
+    }
 
 
 def main() -> None:

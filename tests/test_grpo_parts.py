@@ -133,7 +133,7 @@ def test_sampler_log_probs_match_the_training_forward(tmp_path):
     enc, group = _three_prompts(tok, ip), 3
     torch.manual_seed(0)
     ids, sampled_lp, secs = generate_groups(model, enc, group, 24, 1.0, 1.0, tok.eos_token_id, tok.pad_token_id,
-                                            image, vision_token_ids(tok))
+                                            image, vision_token_ids(tok), with_logprobs=True)
     rollout = finish_rollout(ids, tok, 24, secs)
     batch = build_policy_batch(enc, [1, 1, 1], rollout, group, tok, image)
     with torch.no_grad():

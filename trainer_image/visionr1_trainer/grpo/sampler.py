@@ -53,10 +53,11 @@ def generate_groups(
     pad_token_id: int,
     image_token_id: int,
     suppress_token_ids: list[int] = (),
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """``(P * G, T)`` completion ids (right-padded with ``pad_token_id``), ``(P * G, T)`` the
-    sampler's log-probs of those tokens (temperature-scaled; a check on the trainer's own
-    forward pass), and the seconds taken."""
+    with_logprobs: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """``(P * G, T)`` completion ids (right-padded with ``pad_token_id``), the sampler's
+    ``(P * G, T)`` log-probs of those tokens when ``with_logprobs`` (temperature-scaled; a
+    check on the trainer's own forward pass), and the seconds taken."""
     start = time.perf_counter()
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in prompts.model_inputs(image_token_id).items()}
@@ -77,8 +78,9 @@ def generate_groups(
             logits[:, suppress] = float("-inf")
         nxt = sample_next(logits, temperature, top_p)
         nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
-        scaled = logits.float() / temperature if temperature > 0 else logits.float()
-        logprobs.append(torch.log_softmax(scaled, dim=-1).gather(-1, nxt.unsqueeze(-1)).squeeze(-1))
+        if with_logprobs:
+            scaled = logits.float() / temperature if temperature > 0 else logits.float()
+            logprobs.append(torch.log_softmax(scaled, dim=-1).gather(-1, nxt.unsqueeze(-1)).squeeze(-1))
         tokens.append(nxt)
         finished |= nxt == eos_token_id
         if bool(finished.all()) or step == max_new_tokens - 1:
@@ -90,4 +92,5 @@ def generate_groups(
         out = model(input_ids=nxt.unsqueeze(1), attention_mask=attention, position_ids=position,
                     past_key_values=cache, use_cache=True)
         logits = out.logits[:, -1]
-    return torch.stack(tokens, dim=1).cpu(), torch.stack(logprobs, dim=1).cpu(), time.perf_counter() - start
+    sampled = torch.stack(logprobs, dim=1).cpu() if with_logprobs else None
+    return torch.stack(tokens, dim=1).cpu(), sampled, time.perf_counter() - start
