@@ -143,6 +143,33 @@ def test_sampler_log_probs_match_the_training_forward(tmp_path):
     assert (train_lp[mask] - sampled_lp[mask]).abs().max() < 0.05
 
 
+def test_shared_prefix_forward_equals_the_full_forward_in_value_and_gradient(tiny):
+    """Training on each prompt once (KV cache repeated per row) is the same computation."""
+    model, tok, ip = tiny
+    image = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    enc, group = _three_prompts(tok, ip), 3
+    torch.manual_seed(0)
+    ids, _, secs = generate_groups(model, enc, group, 10, 1.0, 1.0, tok.eos_token_id, tok.pad_token_id,
+                                   image, vision_token_ids(tok))
+    batch = build_policy_batch(enc, [1, 1, 1], finish_rollout(ids, tok, 10, secs), group, tok, image)
+    rows = [0, 2, 3, 4, 8]  # partial groups, as a micro-batch may cut them
+    results = []
+    for shared in (False, True):
+        model.zero_grad()
+        logprobs, _ = sequence_logprobs(model, batch, rows, 1.0, "cpu", shared_prefix=shared)
+        (logprobs * batch.loss_mask[rows]).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((logprobs.detach(), grads))
+    (full, full_grads), (shared, shared_grads) = results
+    mask = batch.loss_mask[rows].bool()
+    assert torch.allclose(full[mask], shared[mask], atol=1e-4)
+    assert full_grads.keys() == shared_grads.keys()
+    assert any("visual" in n for n in shared_grads)  # the vision tower trains through the prefix
+    for name in full_grads:
+        assert torch.allclose(full_grads[name], shared_grads[name], atol=1e-4, rtol=1e-3), name
+    model.zero_grad()
+
+
 def test_sample_next_greedy_and_nucleus():
     logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 0.0]])
     assert sample_next(logits, 0.0, 1.0).tolist() == [1, 0]

@@ -26,6 +26,8 @@ class PolicyBatch:
     pixel_rows: list[torch.Tensor | None]  # per row: its images' patches, (patches, dim)
     grid_rows: list[torch.Tensor | None]  # per row: (num_images, 3)
     image_token_id: int
+    prompts: EncodedPrompts | None = None  # the group's shared prefixes (one row per prompt)
+    group_size: int = 1
 
     @property
     def rows(self) -> int:
@@ -96,6 +98,8 @@ def build_policy_batch(
         pixel_rows=pixel_rows,
         grid_rows=grid_rows,
         image_token_id=image_token_id,
+        prompts=prompts,
+        group_size=group_size,
     )
 
 
@@ -106,8 +110,27 @@ def sequence_logprobs(
     temperature: float,
     device: str,
     with_entropy: bool = False,
+    shared_prefix: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (and entropies) of the completion tokens of ``rows``: ``(b, T)`` each.
+
+    With ``shared_prefix`` each distinct prompt of ``rows`` (and its images) goes through
+    the model once and its KV cache is repeated for its rows, as the sampler does:
+    gradients flow back through the shared prefix, so the result and its gradient equal
+    the plain forward on full sequences (``shared_prefix=False``), at a fraction of the
+    prompt's cost when G completions share it.
+    """
+    logits = (_prefix_shared_logits if shared_prefix and batch.prompts is not None else _full_logits)(
+        model, batch, list(rows), device
+    )
+    targets = batch.completion_ids[list(rows)].to(logits.device)
+    if with_entropy:
+        return token_logprobs_and_entropy(logits, targets, temperature)
+    return token_logprobs(logits, targets, temperature), None
+
+
+def _full_logits(model, batch: PolicyBatch, rows: list[int], device: str) -> torch.Tensor:
+    """(b, T, V): one forward on the full prompt + completion rows.
 
     Only the last ``T + 1`` positions' logits are materialised (``logits_to_keep``):
     the prompt's logits are never needed, and at 4K-8K completion tokens times a
@@ -115,11 +138,53 @@ def sequence_logprobs(
     """
     T = batch.completion_len
     out = model(**batch.model_inputs(rows, device), logits_to_keep=T + 1, use_cache=False)
-    logits = out.logits[:, :-1, :]  # position t predicts completion token t
-    targets = batch.completion_ids[list(rows)].to(logits.device)
-    if with_entropy:
-        return token_logprobs_and_entropy(logits, targets, temperature)
-    return token_logprobs(logits, targets, temperature), None
+    return out.logits[:, :-1, :]  # position t predicts completion token t
+
+
+def _prefix_shared_logits(model, batch: PolicyBatch, rows: list[int], device: str) -> torch.Tensor:
+    """(b, T, V): each prompt once, its KV cache repeated for its rows, then the completions."""
+    prompts = batch.prompts
+    owners = [r // batch.group_size for r in rows]  # prompt of each row
+    distinct = sorted(set(owners))
+    where = {p: i for i, p in enumerate(distinct)}
+    sub = _select_prompts(prompts, distinct)
+    prefix = model(**{k: v.to(device) for k, v in sub.model_inputs(batch.image_token_id).items()},
+                   use_cache=True, logits_to_keep=1)
+    index = torch.tensor([where[p] for p in owners], device=device)
+    cache = prefix.past_key_values
+    cache.reorder_cache(index)  # differentiable index_select: gradients reach the prefix
+    deltas = getattr(getattr(model, "model", None), "rope_deltas", None)
+    prompt_mask = sub.attention_mask.to(device).index_select(0, index)
+    completion = batch.completion_ids[rows].to(device)
+    T = completion.shape[1]
+    position = prompt_mask.sum(dim=1, keepdim=True) + torch.arange(T, device=device).unsqueeze(0)  # (b, T)
+    if deltas is not None:  # M-RoPE: text positions after the images, same on t, h, w
+        position = (position + deltas.to(device).index_select(0, index)).unsqueeze(0).expand(3, -1, -1)
+    out = model(
+        input_ids=completion,
+        attention_mask=torch.cat([prompt_mask, batch.attention_mask[rows, -T:].to(device)], dim=1),
+        position_ids=position,
+        past_key_values=cache,
+        use_cache=True,
+    )
+    first = prefix.logits[:, -1:, :].index_select(0, index)  # the last prompt token predicts token 0
+    return torch.cat([first, out.logits[:, :-1, :]], dim=1)
+
+
+def _select_prompts(prompts: EncodedPrompts, keep: list[int]) -> EncodedPrompts:
+    """The rows ``keep`` of an encoded prompt batch, with their images, trimmed of shared padding."""
+    idx = torch.tensor(keep)
+    ids, mask = prompts.input_ids[idx], prompts.attention_mask[idx]
+    pad = int((mask.sum(dim=0) == 0).sum())  # columns that are padding in every kept row (left)
+    ids, mask = ids[:, pad:], mask[:, pad:]
+    pixels = grid = None
+    counts = [len(images) for images in prompts.images] or [0] * prompts.input_ids.shape[0]
+    per_prompt = _per_prompt_vision(prompts, counts)
+    chosen = [per_prompt[i] for i in keep if per_prompt[i][0] is not None]
+    if chosen:
+        pixels = torch.cat([c[0] for c in chosen])
+        grid = torch.cat([c[1] for c in chosen])
+    return EncodedPrompts(ids, mask, pixels, grid, list(keep))
 
 
 def micro_batches(rows: Sequence[int], size: int) -> list[list[int]]:
