@@ -8,12 +8,13 @@ EXTRAS ?= operator,train,test
 comma  := ,
 STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: help install demo test test-fast gpu-smoke crd check-crd clean
+.PHONY: help install demo test test-fast gpu-smoke bench-grpo crd clean
 
 help:
 	@echo "make demo       run the tiny CPU example end to end on this machine"
 	@echo "make test       run the whole test suite (CPU, no downloads)"
 	@echo "make gpu-smoke  run the tests marked gpu (needs a CUDA accelerator)"
+	@echo "make bench-grpo GRPO throughput against TRL (see BENCHMARKS.md)"
 	@echo "make crd        regenerate crds/visionr1run.yaml from the pydantic API"
 
 install: $(STAMP)
@@ -40,6 +41,12 @@ test-fast: install
 gpu-smoke: install
 	$(BIN)/python -m pip install --quiet -e ".[gpu]"
 	$(BIN)/python -m pytest -m gpu -v
+
+# GRPO step time and tokens/s against TRL's GRPOTrainer (results in BENCHMARKS.md).
+bench-grpo: install
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[bench]"
+	$(BIN)/python bench/grpo_vs_trl.py --steps 8
+	$(BIN)/python bench/grpo_vs_trl.py --steps 6 --hidden 256 --layers 4 --max-len 128 --out bench/results/grpo_vs_trl_h256.json
 
 crd: install
 	$(BIN)/visionr1 crd > crds/visionr1run.yaml
