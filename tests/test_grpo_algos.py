@@ -186,3 +186,14 @@ def test_completion_mask_stops_after_first_eos():
         [1, 1, 0, 0, 0],
         [1, 1, 1, 1, 1],
     ]
+
+
+def test_fused_logprobs_and_entropy_match_the_separate_functions():
+    from visionr1_trainer.grpo.algos import token_logprobs_and_entropy
+
+    torch.manual_seed(0)
+    logits, tokens = torch.randn(2, 3, 7), torch.randint(0, 7, (2, 3))
+    lp, h = token_logprobs_and_entropy(logits, tokens, temperature=0.7)
+    assert torch.allclose(lp, token_logprobs(logits, tokens, temperature=0.7))
+    assert torch.allclose(h, token_entropy(logits / 0.7))
+    assert not h.requires_grad
