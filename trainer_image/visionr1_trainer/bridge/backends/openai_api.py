@@ -1,0 +1,169 @@
+"""The ``openai`` backend: any OpenAI-compatible chat endpoint (a vLLM server, a hosted model).
+
+``endpoint`` is the API base URL (``http://host:8000/v1``); requests are POSTed to
+``<endpoint>/chat/completions``. The API key comes from the environment
+(``VISIONR1_BRIDGE_MULTIMODAL_API_KEY`` / ``VISIONR1_BRIDGE_REASONING_API_KEY``, filled
+from the spec's ``apiKeySecret``) and is never logged. At most ``concurrency`` requests
+are in flight; 429, 5xx, timeouts and dropped connections are retried up to
+``maxRetries`` times with exponential backoff and jitter (a ``Retry-After`` header is
+honoured); other 4xx answers fail the request at once. ``timeoutSeconds`` bounds each
+socket operation (connect, and every read while waiting for the answer).
+
+Reasoning models served with a reasoning parser return the chain of thought apart from
+the answer (``reasoning_content`` or ``reasoning``); it is kept as ``Completion.reasoning``.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import random
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Sequence
+
+from . import API_KEY_ENV, Completion, Generator, GeneratorContext, Progress, Request, chat_messages, register
+
+log = logging.getLogger(__name__)
+
+BACKOFF_BASE_SECONDS = 1.0  # first retry waits about this long, then doubles
+BACKOFF_CAP_SECONDS = 60.0
+RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+
+
+class Retryable(Exception):
+    def __init__(self, kind: str, retry_after: float | None = None):
+        super().__init__(kind)
+        self.kind, self.retry_after = kind, retry_after
+
+
+class OpenAIGenerator(Generator):
+    kind = "openai"
+
+    def __init__(self, spec, ctx: GeneratorContext):
+        self.spec, self.ctx = spec, ctx
+        self.url = spec.endpoint.rstrip("/") + "/chat/completions"
+        self._api_key = os.environ.get(API_KEY_ENV[ctx.role]) or None
+        self._rng = random.Random(ctx.seed)
+        self._lock = threading.Lock()
+        self.counters: collections.Counter = collections.Counter()  # retries and failures by kind
+
+    def generate(self, requests: Sequence[Request], progress: Progress = None) -> list[Completion]:
+        def one(request: Request) -> Completion:
+            result = self._request_with_retries(request)
+            if progress:
+                progress(1)
+            return result
+
+        with ThreadPoolExecutor(max_workers=self.spec.concurrency) as pool:
+            return list(pool.map(one, requests))
+
+    def _request_with_retries(self, request: Request) -> Completion:
+        body = json.dumps(self._payload(request)).encode()
+        for attempt in range(self.spec.max_retries + 1):
+            try:
+                return self._post(body)
+            except Retryable as exc:
+                self._count(exc.kind)
+                if attempt == self.spec.max_retries:
+                    self._count("gave_up")
+                    return Completion(None, error=f"openai_{exc.kind}")
+                time.sleep(self._backoff(attempt, exc.retry_after))
+            except _Fatal as exc:
+                self._count(exc.kind)
+                return Completion(None, error=f"openai_{exc.kind}")
+        raise AssertionError("unreachable")  # the loop always returns
+
+    def _payload(self, request: Request) -> dict[str, Any]:
+        return {
+            "model": self.spec.model,
+            "messages": chat_messages(request.prompt, request.image_paths),
+            "max_tokens": self.spec.max_tokens,
+            "temperature": self.spec.temperature,
+            "top_p": self.spec.top_p,
+        }
+
+    def _post(self, body: bytes) -> Completion:
+        headers = {"Content-Type": "application/json"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=self.spec.timeout_seconds) as resp:
+                payload = resp.read()
+        except urllib.error.HTTPError as exc:
+            raise _classify(exc) from None
+        except (TimeoutError, socket.timeout):
+            raise Retryable("timeout") from None
+        except (urllib.error.URLError, ConnectionError, OSError) as exc:
+            if isinstance(getattr(exc, "reason", None), (TimeoutError, socket.timeout)):
+                raise Retryable("timeout") from None
+            raise Retryable("connection_error") from None
+        return _parse(payload)
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return min(retry_after, BACKOFF_CAP_SECONDS)
+        delay = min(BACKOFF_BASE_SECONDS * 2**attempt, BACKOFF_CAP_SECONDS)
+        with self._lock:
+            return delay * (0.5 + self._rng.random() / 2)  # jitter: spread retry bursts
+
+    def _count(self, kind: str) -> None:
+        with self._lock:
+            self.counters[kind] += 1
+
+    def describe(self) -> dict[str, Any]:
+        # The endpoint and model, never the key.
+        return {"backend": "openai", "endpoint": self.spec.endpoint, "model": self.spec.model,
+                "max_tokens": self.spec.max_tokens, "temperature": self.spec.temperature,
+                "top_p": self.spec.top_p, "requests_retried_or_failed": dict(self.counters)}
+
+
+class _Fatal(Exception):
+    def __init__(self, kind: str):
+        super().__init__(kind)
+        self.kind = kind
+
+
+def _classify(exc: urllib.error.HTTPError) -> Exception:
+    status = exc.code
+    detail = ""
+    try:
+        detail = exc.read(300).decode(errors="replace")
+    except OSError:
+        pass
+    if status in RETRY_STATUS or status >= 500:
+        return Retryable(f"http_{status}", _retry_after(exc.headers.get("Retry-After")))
+    log.warning("openai endpoint answered %d: %s", status, detail[:300])
+    return _Fatal(f"http_{status}")
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None  # an HTTP date: use our own backoff
+
+
+def _parse(payload: bytes) -> Completion:
+    try:
+        data = json.loads(payload)
+        message = data["choices"][0]["message"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise Retryable("bad_response") from None
+    text = message.get("content") or ""
+    reasoning = message.get("reasoning_content") or message.get("reasoning") or None
+    if not text and not reasoning:
+        return Completion(None, error="openai_empty")
+    return Completion(text, reasoning=reasoning)
+
+
+@register("openai")
+def _make(spec, ctx) -> OpenAIGenerator:
+    return OpenAIGenerator(spec, ctx)

@@ -1,0 +1,338 @@
+"""The bridge stage: Modality Bridging over a data set, sharded and resumable.
+
+``python -m visionr1_trainer bridge --config stage.json`` runs ``run(config)``:
+
+1. read the source rows (broken ones skipped and counted) and drop duplicate
+   (image, question) pairs;
+2. split them into ``shards`` fixed work units; the plan (which ids go in which shard)
+   is stored beside the outputs, so a restarted stage finds the same shards;
+3. phase 1, the multimodal model: for each shard not done yet, the pseudo-CoT (step 1)
+   and the image description (step 2) of every row, committed as the artifact
+   ``shards/describe-NNNNN``;
+4. phase 2, the reasoning model: for each shard, the long CoT from description and
+   question (step 3), parsed and filtered, every verdict committed as
+   ``shards/reason-NNNNN``;
+5. the kept samples, their images and ``stats.json`` committed as the artifact
+   ``dataset`` (Vision-R1-cold, ShareGPT layout): the SFT stage's input.
+
+Every unit of work is an artifact that becomes visible only when complete, and the
+shards partition the rows, so a stage killed at any point and started again redoes at
+most the shard it was in: no sample is lost and none appears twice. All multimodal work
+runs before any reasoning work, so two vLLM engines never hold the GPUs at once.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..checkpoint import open_stage_store
+from ..config import BridgeStageConfig
+from ..data.formats import BridgeExample, cold_row, read_bridge_source, write_rows
+from ..metrics import StageMetrics
+from ..runtime import StageStopped, stop_requested
+from . import prompts
+from .backends import Completion, GeneratorContext, Request, make_generator
+from .filters import DROP_REASONS, build_sample, filter_reason, parse_reasoning
+from .stats import dataset_stats, reflection_counts
+
+log = logging.getLogger("visionr1.bridge")
+
+DATASET = "dataset"
+PLAN_KEY = "shards/plan.json"
+METRICS_LOG = "metrics.jsonl"
+ROWS = "rows.jsonl"
+
+
+def describe_name(shard: int) -> str:
+    return f"shards/describe-{shard:05d}"
+
+
+def reason_name(shard: int) -> str:
+    return f"shards/reason-{shard:05d}"
+
+
+def work_dir_for(config: BridgeStageConfig) -> Path:
+    """Scratch space: VISIONR1_WORK_DIR, else beside a local output, else /tmp."""
+    if os.environ.get("VISIONR1_WORK_DIR"):
+        return Path(os.environ["VISIONR1_WORK_DIR"])
+    if config.output_uri.startswith("file://"):
+        return Path(config.output_uri[len("file://"):]) / "_work"
+    return Path("/tmp/visionr1") / config.run / config.stage
+
+
+def run(config: BridgeStageConfig) -> dict[str, Any]:
+    work = work_dir_for(config)
+    work.mkdir(parents=True, exist_ok=True)
+    metrics = StageMetrics(config.run, config.stage, config.metrics_port, work / METRICS_LOG)
+    try:
+        return bridge_stage(config, work, metrics.start())
+    finally:
+        metrics.close()
+
+
+# --- source, dedupe, plan -------------------------------------------------------------------
+
+
+def read_source(config: BridgeStageConfig, cache: Path):
+    """The source rows, at most ``sampleLimit`` of them (and the ref's own ``limit``)."""
+    ref = config.source
+    limits = [x for x in (ref.limit, config.bridge.sample_limit) if x is not None]
+    if limits:
+        ref = ref.model_copy(update={"limit": min(limits)})
+    return read_bridge_source(ref, config.storage, cache)
+
+
+def dedupe(items: Sequence[BridgeExample]) -> tuple[list[BridgeExample], int]:
+    """First occurrence of each (image bytes, question) pair; and how many were dropped."""
+    seen: set[str] = set()
+    out = []
+    for item in items:
+        digest = hashlib.sha256(" ".join(item.question.split()).casefold().encode())
+        for path in item.image_paths:
+            digest.update(Path(path).read_bytes())
+        key = digest.hexdigest()
+        if key not in seen:
+            seen.add(key)
+            out.append(item)
+    return out, len(items) - len(out)
+
+
+def shard_plan(ids: Sequence[str], shards: int) -> list[list[str]]:
+    """Contiguous, nearly equal shards of ``ids`` (empty shards dropped)."""
+    size = -(-len(ids) // shards) if ids else 1
+    return [list(ids[i:i + size]) for i in range(0, len(ids), size)]
+
+
+def load_or_save_plan(store, plan: list[list[str]]) -> list[list[str]]:
+    """The stored plan of an earlier attempt, which must match this one; else store this."""
+    stored = store.get_json(PLAN_KEY, None)
+    if stored is None:
+        store.put_json(PLAN_KEY, {"shards": plan})
+        return plan
+    if stored.get("shards") != plan:
+        raise RuntimeError(
+            f"{store.uri}/{PLAN_KEY}: the source rows, sampleLimit or shards changed since this "
+            "stage started; finished shards would not line up with the new plan. Restore the "
+            f"settings, or delete {store.uri}/shards to start the bridge over")
+    return plan
+
+
+# --- the two phases --------------------------------------------------------------------------
+
+
+def describe_shard(generator, items: Sequence[BridgeExample], templates: dict[str, str], progress) -> list[dict]:
+    """Steps 1 and 2 (multimodal model) for one shard's rows."""
+    first = generator.generate([
+        Request(f"{it.id}/pseudo_cot", "pseudo_cot",
+                prompts.render(templates["pseudo_cot"], question=it.question, answer=it.answer),
+                tuple(it.image_paths), it.meta)
+        for it in items], progress)
+    ok = [(it, c) for it, c in zip(items, first) if c.text is not None]
+    second = generator.generate([
+        Request(f"{it.id}/description", "description",
+                prompts.render(templates["description"], question=it.question, pseudo_cot=c.text),
+                tuple(it.image_paths), it.meta)
+        for it, c in ok], progress)
+    described = {it.id: (c.text, d) for (it, c), d in zip(ok, second)}
+    rows = []
+    for it, c in zip(items, first):
+        pseudo_cot, desc = described.get(it.id, (None, c))
+        rows.append({"id": it.id, "pseudo_cot": pseudo_cot, "description": desc.text,
+                     "error": desc.error})
+    return rows
+
+
+def reason_shard(generator, items: Sequence[BridgeExample], described: dict[str, dict],
+                 templates: dict[str, str], filters, progress) -> list[dict]:
+    """Step 3 (text reasoning model), parsing and filtering for one shard's rows."""
+    todo = [it for it in items if described[it.id]["description"] is not None]
+    outputs = generator.generate([
+        Request(f"{it.id}/reasoning", "reasoning",
+                prompts.render(templates["reasoning"], description=described[it.id]["description"],
+                               question=it.question),
+                (), it.meta)
+        for it in todo], progress)
+    by_id: dict[str, Completion] = {it.id: out for it, out in zip(todo, outputs)}
+    return [verdict(it, by_id.get(it.id), described[it.id].get("error"), filters) for it in items]
+
+
+def verdict(item: BridgeExample, output: Completion | None, earlier_error: str | None, filters) -> dict:
+    """One sample's outcome: kept with its target text, or the reason it was dropped."""
+    if output is None or output.text is None:
+        error = earlier_error if output is None else output.error
+        return {"id": item.id, "status": "generation_failed", "error": error or "unknown"}
+    parsed = parse_reasoning(output.text, output.reasoning)
+    reason = filter_reason(parsed, item.answer, filters)
+    row = {"id": item.id, "status": reason or "kept", "final_answer": parsed.answer,
+           "reasoning_chars": len(parsed.reasoning), "reasoning_words": len(parsed.reasoning.split())}
+    if reason is None:
+        row["response"] = build_sample(parsed)
+        row["reflection"] = reflection_counts(parsed.reasoning)
+    return row
+
+
+# --- the stage -----------------------------------------------------------------------------
+
+
+def bridge_stage(config: BridgeStageConfig, work: Path, metrics: StageMetrics) -> dict[str, Any]:
+    store = open_stage_store(config.output_uri, config.storage)
+    if store.is_committed(DATASET):
+        log.info("%s/%s is already committed; nothing to do", store.uri, DATASET)
+        return summary(json.loads(store.open_file(DATASET, "stats.json")), f"{store.uri}/{DATASET}")
+    settings = config.bridge
+    templates = prompts.templates(settings.prompts)
+    source = read_source(config, work / "cache")
+    items, duplicates = dedupe(source.items) if settings.filters.dedupe else (source.items, 0)
+    plan = load_or_save_plan(store, shard_plan([it.id for it in items], settings.shards))
+    by_id = {it.id: it for it in items}
+    metrics.set(samples_total=len(items), shards_total=len(plan))
+    metrics.event("start", samples=len(items), shards=len(plan), duplicates=duplicates,
+                  source_skipped=dict(source.skipped), attempt=config.attempt)
+    run_phase(config, store, plan, by_id, "multimodal", templates, work, metrics)
+    run_phase(config, store, plan, by_id, "reasoning", templates, work, metrics)
+    return commit_dataset(config, store, plan, by_id, source, duplicates, work, metrics)
+
+
+def run_phase(config, store, plan, by_id, role: str, templates, work: Path, metrics: StageMetrics) -> None:
+    """Phase 1 (``multimodal``: steps 1-2) or 2 (``reasoning``: step 3) over unfinished shards."""
+    from tqdm import tqdm
+
+    def done(k: int) -> bool:
+        return store.is_committed(reason_name(k)) or (role == "multimodal" and store.is_committed(describe_name(k)))
+
+    todo = [k for k in range(len(plan)) if not done(k)]
+    if not todo:
+        return
+    spec = config.bridge.multimodal_model if role == "multimodal" else config.bridge.reasoning_model
+    generator = make_generator(spec, GeneratorContext(role, config.bridge.seed, config.storage, work))
+    rows_per_shard = 2 if role == "multimodal" else 1
+    bar = tqdm(total=rows_per_shard * sum(len(plan[k]) for k in todo), desc=f"bridge {role}",
+               unit="req", mininterval=10, disable=None)
+    try:
+        for k in todo:
+            if stop_requested():
+                raise StageStopped({"stopped_at": f"{role} shard {k}"})
+            started = time.monotonic()
+            items = [by_id[i] for i in plan[k]]
+            if role == "multimodal":
+                rows = describe_shard(generator, items, templates, bar.update)
+                commit_rows(store, describe_name(k), rows, work)
+            else:
+                described = {r["id"]: r for r in read_rows(store, describe_name(k))}
+                rows = reason_shard(generator, items, described, templates, config.bridge.filters, bar.update)
+                commit_rows(store, reason_name(k), rows, work)
+            log_shard(metrics, store, plan, role, k, rows, time.monotonic() - started)
+    finally:
+        bar.close()
+        metrics.event("generator", role=role, **generator.describe())
+        generator.close()
+
+
+def commit_rows(store, name: str, rows: list[dict], work: Path) -> str:
+    staging = work / "staging" / name.replace("/", "_")
+    shutil.rmtree(staging, ignore_errors=True)
+    write_rows(rows, staging / ROWS)
+    try:
+        return store.commit_dir(staging, name, {"rows": len(rows)})
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def read_rows(store, name: str) -> list[dict]:
+    return [json.loads(line) for line in store.open_file(name, ROWS).decode().splitlines() if line]
+
+
+def log_shard(metrics: StageMetrics, store, plan, role: str, shard: int, rows: list[dict], seconds: float) -> None:
+    """Progress after a shard: throughput, and (phase 2) kept and dropped so far by reason."""
+    values: dict[str, float] = {"samples_per_second": len(rows) / max(seconds, 1e-9),
+                                "shards_done": sum(store.is_committed(reason_name(k)) for k in range(len(plan)))}
+    if role == "reasoning":
+        totals = collections.Counter()
+        for k in range(len(plan)):
+            if store.is_committed(reason_name(k)):
+                totals.update(r["status"] for r in read_rows(store, reason_name(k)))
+        values["kept"] = totals.pop("kept", 0)
+        values["samples_done"] = values["kept"] + sum(totals.values())
+        values.update({f"dropped_{reason}": totals.get(reason, 0) for reason in DROP_REASONS[1:]})
+    metrics.log(int(values["shards_done"]), values)
+    log.info("%s shard %d/%d: %d rows in %.1fs", role, shard + 1, len(plan), len(rows), seconds)
+
+
+def commit_dataset(config, store, plan, by_id, source, duplicates: int, work: Path, metrics) -> dict[str, Any]:
+    """Gather every shard's kept samples with their images; commit ``dataset`` with stats."""
+    staging = work / "staging" / DATASET
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "images").mkdir(parents=True)
+    out_rows, kept, dropped = [], [], collections.Counter({"duplicate": duplicates})
+    for k in range(len(plan)):
+        for row in read_rows(store, reason_name(k)):
+            if row["status"] != "kept":
+                dropped[row["status"]] += 1
+                continue
+            item = by_id[row["id"]]
+            images = [copy_image(p, staging) for p in item.image_paths]
+            extra = {key: item.meta[key] for key in ("task",) if key in item.meta}
+            out_rows.append(cold_row(item.id, item.question, row["response"], images,
+                                     answer=item.answer, **extra))
+            kept.append(row)
+    write_rows(out_rows, staging / "data.jsonl")
+    stats = dataset_stats(
+        kept, samples_in=len(by_id) + duplicates, dropped=dict(dropped), source=source.summary(),
+        generators={"multimodal": spec_info(config.bridge.multimodal_model),
+                    "reasoning": spec_info(config.bridge.reasoning_model)},
+        settings={"shards": len(plan), "filters": config.bridge.filters.to_json_dict(),
+                  "prompts": {k: "custom" if getattr(config.bridge.prompts, k) else "paper"
+                              for k in prompts.DEFAULTS}},
+    )
+    (staging / "stats.json").write_text(json.dumps(stats, indent=2))
+    uri = store.commit_dir(staging, DATASET, {"format": "vision-r1-cold", "rows": len(out_rows),
+                                              "teacher": stats["teacher"]})
+    shutil.rmtree(staging, ignore_errors=True)
+    metrics.event("committed", uri=uri, kept=len(out_rows))
+    result = summary(stats, uri)
+    store.put_json("summary.json", result)
+    log.info("committed %s: kept %d of %d, dropped %s", uri, stats["kept"], stats["samples_in"], stats["dropped"])
+    return result
+
+
+def copy_image(path: str, staging: Path) -> str:
+    """Copy an image into the data set under its content hash; its path inside the set."""
+    data = Path(path).read_bytes()
+    suffix = Path(path).suffix if Path(path).suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp") else ".png"
+    rel = f"images/{hashlib.sha256(data).hexdigest()[:32]}{suffix}"
+    if not (staging / rel).exists():
+        (staging / rel).write_bytes(data)
+    return rel
+
+
+def spec_info(spec) -> dict[str, Any]:
+    if spec.backend == "rule":
+        return {"backend": "rule", "teacher": "rule-based (synthetic tasks only)"}
+    info = {"backend": spec.backend, "model": spec.model, "max_tokens": spec.max_tokens,
+            "temperature": spec.temperature, "top_p": spec.top_p}
+    if spec.backend == "openai":
+        info["endpoint"] = spec.endpoint
+    if spec.backend == "vllm":
+        info["tensor_parallel_size"] = spec.tensor_parallel_size
+    return info
+
+
+def summary(stats: dict[str, Any], uri: str) -> dict[str, Any]:
+    """The compact exit summary of the stage."""
+    return {
+        "samplesIn": stats["samples_in"],
+        "kept": stats["kept"],
+        "dropped": stats["dropped"],
+        "teacher": stats["teacher"],
+        "reflectionPerSample": stats["self_reflection"]["per_sample_mean"],
+        "reasoningCharsMean": stats["reasoning_chars"].get("mean"),
+        "artifactUri": uri,
+    }
