@@ -55,8 +55,14 @@ class GeneratorContext:
 
     role: str  # multimodal | reasoning
     seed: int = 0
-    storage: Any = None  # StorageSpec, to resolve model URIs
+    storage: Any = None  # StorageSpec, to resolve model URIs (None: local paths and hub ids only)
     work_dir: Path = Path("/tmp/visionr1")
+
+
+    def storage_spec(self):
+        from ...config import StorageSpec
+
+        return self.storage if self.storage is not None else StorageSpec(uri="file:///")
 
 
 Progress = Callable[[int], None] | None

@@ -24,7 +24,7 @@ class HFGenerator(Generator):
 
         self.spec, self.ctx = spec, ctx
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.source = resolve_model_dir(spec.model, ctx.storage, ctx.work_dir)
+        self.source = resolve_model_dir(spec.model, ctx.storage_spec(), ctx.work_dir)
         self.model, self.tokenizer, self.image_processor = _load(self.source, self.device)
         self.model.eval()
         self.generator = torch.Generator(device=self.device).manual_seed(ctx.seed)
@@ -42,7 +42,7 @@ class HFGenerator(Generator):
         import torch
 
         from ...data.formats import load_rgb
-        from ...models.vlm import encode_prompts
+        from ...models.vlm import IMAGE_TOKEN, encode_prompts
 
         limit = max(1, _context_length(self.model) - self.spec.max_tokens)
         if self.image_processor is None:
@@ -56,7 +56,8 @@ class HFGenerator(Generator):
         results = [Completion(None, error="prompt_too_long") for _ in batch]
         if not enc.kept:
             return results
-        inputs = {k: v.to(self.device) for k, v in enc.model_inputs().items()}
+        image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        inputs = {k: v.to(self.device) for k, v in enc.model_inputs(image_token_id).items()}
         sample = self.spec.temperature > 0
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator)))
         with torch.no_grad():

@@ -52,7 +52,7 @@ class VLLMGenerator(Generator):
         from ...checkpoint import resolve_model_dir
 
         self.spec, self.ctx = spec, ctx
-        source = resolve_model_dir(spec.model, ctx.storage, ctx.work_dir)
+        source = resolve_model_dir(spec.model, ctx.storage_spec(), ctx.work_dir)
         self.llm = LLM(**engine_kwargs(spec, source, ctx.role, ctx.seed))
         self.params = SamplingParams(**sampling_kwargs(spec, ctx.seed))
 
