@@ -422,6 +422,12 @@ class StageStatus(Schema):
     kind: Literal["bridge", "sft", "grpo", "eval"] = Field(description="Stage entrypoint.")
     state: StageState = Field(default="Pending", description="Where the stage is.")
     attempts: int = Field(default=0, ge=0, description="Attempts started.")
+    failures: int = Field(
+        default=0,
+        ge=0,
+        description="Failed attempts counted against backoffLimit (node disruptions and "
+        "preemptions are retried without counting).",
+    )
     job_name: str | None = Field(default=None, description="Job of the latest attempt.")
     start_time: str | None = Field(
         default=None, description="Start of the first attempt.", json_schema_extra={"format": "date-time"}
@@ -430,6 +436,11 @@ class StageStatus(Schema):
         default=None, description="When the stage finished.", json_schema_extra={"format": "date-time"}
     )
     artifact_uri: str | None = Field(default=None, description="Where the stage's output was committed.")
+    config_hash: str | None = Field(
+        default=None,
+        max_length=64,
+        description="Hash of the settings the stage ran with: a spec change to a finished stage is refused.",
+    )
     message: str | None = Field(default=None, max_length=32768, description="Why it failed, if it did.")
     summary: dict[str, Any] | None = Field(
         default=None,

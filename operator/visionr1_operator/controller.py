@@ -1,0 +1,285 @@
+"""The I/O around ``reconcile.decide``: one controller per run, woken by what changes.
+
+A kopf daemon runs ``RunController.serve`` for every VisionR1Run. Each loop it gathers
+the inputs of ``decide`` (the spec from kopf's live body, the run's Jobs from kopf's
+index, pod reports of finished attempts, scraped progress), calls it, and carries out
+the decision: create one attempt's objects, suspend or resume a Job, patch the status
+(one merge patch, only when something changed) and post Events. Then it sleeps until a
+Job of the run or the run itself changes, a retry is due, or progress is due a scrape.
+
+The controller is the only writer of its run's status and keeps the last status it wrote
+in memory, so a reconcile never acts on a stale copy of its own writes; after a restart
+it starts from the stored status and the Jobs that exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from typing import Any, Iterable, Mapping
+
+import kopf
+from pydantic import ValidationError
+
+from visionr1_trainer.config import WIRE
+
+from .api import StageStatus, VisionR1Run, VisionR1RunStatus
+from .jobs import JobView, Owner, PodReport, build_stage_objects, metrics_endpoint, observe_job, parse_time, pod_report, pods_of
+from .kube import APIError, ForeignObject, Kube
+from .manifest import ManifestError, validate_document
+from .metrics import OperatorMetrics
+from .progress import Scraper, parse_progress, same_progress
+from .reconcile import TERMINAL, Decision, Observed, ReconcileSettings, current_stage, decide
+from .status import merge_patch, status_document
+
+RunKey = tuple[str, str]  # (namespace, name)
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    """Settings of the operator process (its command-line flags)."""
+
+    reconcile: ReconcileSettings
+    progress_interval: float = 30.0  # seconds between scrapes of a running stage's metrics
+    scrape_timeout: float = 3.0
+    error_backoff: float = 2.0  # first delay after a failed reconcile; doubles up to a minute
+
+
+@dataclass
+class Operator:
+    """Shared by every run's controller: configuration, API access, metrics, wake-ups."""
+
+    config: OperatorConfig
+    settings: kopf.OperatorSettings
+    metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
+    scraper: Scraper = field(default_factory=Scraper)
+    _controllers: dict[RunKey, RunController] = field(default_factory=dict)
+
+    def wake(self, namespace: str, name: str) -> None:
+        controller = self._controllers.get((namespace, name))
+        if controller is not None:
+            controller.wake.set()
+
+    def run_changed(self, namespace: str, name: str, body: Mapping[str, Any]) -> None:
+        """Wake a run's controller when its spec or lifecycle changed (not for its own status writes)."""
+        controller = self._controllers.get((namespace, name))
+        if controller is not None and controller.spec_changed(body):
+            controller.wake.set()
+
+    async def serve_run(self, body: kopf.Body, jobs_index: kopf.Index, stopped: kopf.DaemonStopped, logger: Any) -> None:
+        key = (body.metadata.namespace or "default", body.metadata.name or "")
+        controller = RunController(self, body, jobs_index, logger)
+        self._controllers[key] = controller
+        try:
+            await controller.serve(stopped)
+        finally:
+            if self._controllers.get(key) is controller:
+                del self._controllers[key]
+            if stopped.is_set() and stopped.reason and kopf.DaemonStoppingReason.RESOURCE_DELETED in stopped.reason:
+                self.metrics.observe_run(key, None)
+
+    async def close(self) -> None:
+        await self.scraper.close()
+
+
+def parse_run(body: Mapping[str, Any]) -> tuple[VisionR1Run | None, list[tuple[str, str]]]:
+    """The run as the pydantic model (status left out: the controller keeps its own)."""
+    doc = {k: body.get(k) for k in ("apiVersion", "kind", "metadata", "spec")}
+    doc["metadata"] = dict(doc["metadata"] or {})
+    try:
+        return validate_document(doc, source=doc["metadata"].get("name", "<run>")), []
+    except ManifestError as exc:
+        return None, [(p[len("spec."):] if p.startswith("spec.") else p, m) for p, m in exc.problems]
+
+
+def parse_status(raw: Mapping[str, Any] | None, logger: Any) -> VisionR1RunStatus:
+    try:
+        return VisionR1RunStatus.model_validate(dict(raw or {}), **WIRE)
+    except ValidationError as exc:
+        # A status this version cannot read: start over; the Jobs that exist are adopted.
+        logger.warning("Ignoring an unreadable status (%s problems); rebuilding it from the Jobs.", exc.error_count())
+        return VisionR1RunStatus()
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class RunController:
+    """The reconcile loop of one run; lives as long as the run's kopf daemon."""
+
+    def __init__(self, operator: Operator, body: kopf.Body, jobs_index: kopf.Index, logger: Any):
+        self.op = operator
+        self.body = body  # kopf's live view: updated in place on every watch event
+        self.jobs_index = jobs_index
+        self.logger = logger
+        self.key: RunKey = (body.metadata.namespace or "default", body.metadata.name or "")
+        self.wake = asyncio.Event()
+        self.kube = Kube(operator.settings, logger, on_request=operator.metrics.api_request)
+        self.status = parse_status(body.get("status"), logger)
+        self._spec_seen: Any = None
+        self._parsed: tuple[Any, VisionR1Run | None, list] = (None, None, [])
+        self._created: dict[str, JobView] = {}  # our Jobs that kopf's index has not shown yet
+        self._suspends: dict[str, bool] = {}  # suspend patches the index has not shown yet
+        self._reports: dict[str, PodReport] = {}
+        self._next_scrape = 0.0
+        self._errors = 0
+
+    # --- the loop -------------------------------------------------------------------------
+
+    async def serve(self, stopped: kopf.DaemonStopped) -> None:
+        while not stopped.is_set():
+            self.wake.clear()
+            started = time.monotonic()
+            try:
+                delay, finished = await self.reconcile_once()
+                self._errors = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # an API error, a rejected object: log, count, retry
+                delay, finished = self._failed_reconcile(exc), False
+            self.op.metrics.reconcile_seconds.observe(time.monotonic() - started)
+            if finished:
+                return  # the run is a record now; the daemon ends (and restarts with the operator)
+            await self._sleep(stopped, delay)
+
+    def _failed_reconcile(self, exc: Exception) -> float:
+        self._errors += 1
+        self.op.metrics.reconcile_errors.labels(reason=type(exc).__name__).inc()
+        delay = min(60.0, self.op.config.error_backoff * 2 ** (self._errors - 1))
+        if isinstance(exc, (APIError, ForeignObject)):
+            self.logger.warning("Reconcile failed, retrying in %.0fs: %s", delay, exc)
+        else:
+            self.logger.exception("Reconcile failed, retrying in %.0fs", delay)
+        if self._errors == 1 and isinstance(exc, (APIError, ForeignObject)):
+            kopf.event(self.body, type="Warning", reason="ReconcileError", message=str(exc)[:1024])
+        return delay
+
+    async def _sleep(self, stopped: kopf.DaemonStopped, delay: float | None) -> None:
+        waiters = [asyncio.ensure_future(self.wake.wait()), asyncio.ensure_future(stopped.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
+    def spec_changed(self, body: Mapping[str, Any]) -> bool:
+        meta = body.get("metadata") or {}
+        return (body.get("spec"), meta.get("generation"), meta.get("deletionTimestamp")) != self._spec_seen
+
+    # --- one reconcile --------------------------------------------------------------------
+
+    async def reconcile_once(self) -> tuple[float | None, bool]:
+        """Observe, decide, act. Returns (seconds until the next look, whether the run is finished)."""
+        if self.status.phase in TERMINAL:
+            self.op.metrics.observe_run(self.key, self.status.phase)
+            return None, True
+        run, problems = self._parse()
+        jobs = self._jobs()
+        await self._fetch_reports(jobs)
+        now = _now()
+        obs = Observed(
+            name=self.key[1], namespace=self.key[0], generation=self.body.metadata.get("generation"),
+            run=run, problems=problems, status=self.status, jobs=jobs, reports=dict(self._reports),
+            now=now, progress=await self._scrape(jobs, now),
+        )
+        decision = decide(obs, self.op.config.reconcile)
+        await self._apply(run, decision)
+        self.op.metrics.observe_run(self.key, self.status.phase)
+        return self._next_look(decision, jobs), decision.finished
+
+    def _parse(self) -> tuple[VisionR1Run | None, list[tuple[str, str]]]:
+        meta = self.body.metadata
+        self._spec_seen = (self.body.get("spec"), meta.get("generation"), meta.get("deletionTimestamp"))
+        spec = self.body.get("spec")
+        if self._parsed[0] != spec:  # validating and planning a spec takes milliseconds: do it once
+            run, problems = parse_run(self.body)
+            self._parsed = (dict(spec) if isinstance(spec, Mapping) else spec, run, problems)
+        return self._parsed[1], self._parsed[2]
+
+    def _jobs(self) -> dict[str, JobView]:
+        """This run's Jobs from kopf's index, plus the ones we just created that it has not seen."""
+        uid = self.body.metadata.uid
+        indexed: Iterable[JobView] = self.jobs_index.get(self.key, [])
+        jobs = {j.name: j for j in indexed if j.owner_uid in (None, uid)}
+        for name in list(self._created):
+            if name in jobs:
+                del self._created[name]
+            else:
+                jobs[name] = self._created[name]
+        for name, suspend in list(self._suspends.items()):
+            job = jobs.get(name)
+            if job is None or job.state in TERMINAL or (job.state == "Suspended") == suspend:
+                del self._suspends[name]
+            else:
+                jobs[name] = replace(job, state="Suspended" if suspend else "Pending")
+        return jobs
+
+    async def _fetch_reports(self, jobs: Mapping[str, JobView]) -> None:
+        """Pod reports (exit summary, failure) of finished attempts not yet in the status."""
+        open_attempts = {r.name: r.attempts for r in self.status.stages if r.state in ("Pending", "Running")}
+        started = {r.name for r in self.status.stages if r.attempts}
+        for job in jobs.values():
+            if job.state not in TERMINAL or job.name in self._reports:
+                continue
+            # The latest attempt of a stage in progress, or one the status lost track of.
+            if (job.stage in open_attempts and job.attempt >= open_attempts[job.stage]) or job.stage not in started:
+                pods = pods_of(await self.kube.list_job_pods(self.key[0], job.name), job.name)
+                self._reports[job.name] = pod_report(pods)
+
+    async def _scrape(self, jobs: Mapping[str, JobView], now: datetime):
+        """The running stage's progress, read from its rank-0 pod every ``progress_interval``."""
+        current = current_stage(self.status.stages)
+        job = jobs.get(current.job_name or "") if current is not None else None
+        if job is None or job.state != "Running" or time.monotonic() < self._next_scrape:
+            return None
+        self._next_scrape = time.monotonic() + self.op.config.progress_interval
+        pods = pods_of(await self.kube.list_job_pods(self.key[0], job.name), job.name)
+        url = metrics_endpoint(pods)
+        text = await self.op.scraper.fetch(url) if url else None
+        progress = parse_progress(text, self.key[1], current.name, now) if text else None
+        return None if same_progress(progress, self.status.progress) else progress
+
+    async def _apply(self, run: VisionR1Run | None, decision: Decision) -> None:
+        """Carry out a decision: objects first, the status last (it records what now exists)."""
+        if decision.start is not None and run is not None:
+            owner = Owner(self.key[1], self.key[0], self.body.metadata.uid or "")
+            start = decision.start
+            for obj in build_stage_objects(owner, run.spec, start.plan, start.attempt, suspend=start.suspend):
+                created, _ = await self.kube.create_or_adopt(obj)
+                if obj["kind"] == "Job":
+                    self._created[start.job_name] = observe_job(created)
+        for name, suspend in decision.suspend_jobs.items():
+            await self.kube.set_job_suspend(self.key[0], name, suspend)
+            self._suspends[name] = suspend
+        before = self.status
+        patch = merge_patch(status_document(before), status_document(decision.status))
+        if patch:
+            await self.kube.patch_run_status(self.key[0], self.key[1], patch)
+        self.status = decision.status
+        for event in decision.events:
+            kopf.event(self.body, type=event.type, reason=event.reason, message=event.message[:1024])
+        self.op.metrics.observe_stages(before.stages, decision.status.stages, _duration)
+        self._forget_reports(decision.status.stages)
+
+    def _forget_reports(self, records: list[StageStatus]) -> None:
+        """Keep only the report of an attempt still to be recorded (a retry waiting its turn)."""
+        wanted = {r.job_name for r in records if r.state in ("Pending", "Running")}
+        for name in [n for n in self._reports if n not in wanted]:
+            del self._reports[name]
+
+    def _next_look(self, decision: Decision, jobs: Mapping[str, JobView]) -> float | None:
+        delays = [decision.requeue_after] if decision.requeue_after is not None else []
+        current = current_stage(self.status.stages)
+        job = jobs.get(current.job_name or "") if current is not None else None
+        if job is not None and job.state == "Running":
+            delays.append(max(self._next_scrape - time.monotonic(), 0.0) or self.op.config.progress_interval)
+        return min(delays) if delays else None
+
+
+def _duration(record: StageStatus) -> float | None:
+    start, end = parse_time(record.start_time), parse_time(record.completion_time)
+    return (end - start).total_seconds() if start and end else None

@@ -1,0 +1,80 @@
+"""kopf handlers: a few lines each; the logic lives in ``reconcile`` (pure) and ``controller``.
+
+- a daemon per VisionR1Run runs its reconcile loop (``controller.RunController``);
+- an index of the operator's Jobs, by run, is that loop's view of the Jobs: kopf fills it
+  from a full listing before any handler runs, so a restarted operator sees every Job
+  that exists before it decides anything;
+- Job events and run events wake the run's loop.
+
+``register`` puts the handlers in a registry: the default one for ``python -m
+visionr1_operator``, a fresh one for an operator embedded in a test. The operator's
+settings and shared state travel in kopf's ``memo`` (``memo.config``, ``memo.metrics``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from .api import GROUP, PLURAL, VERSION
+from .controller import Operator
+from .jobs import LABEL_MANAGED_BY, LABEL_RUN, MANAGED_BY, JobView, observe_job
+
+FINALIZER = "visionr1.io/finalizer"
+OUR_JOBS = {LABEL_MANAGED_BY: MANAGED_BY, LABEL_RUN: kopf.PRESENT}
+
+
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    """Settings, once, before anything is watched."""
+    settings.persistence.finalizer = FINALIZER
+    # Only Events the reconcile posts on purpose (and kopf's warnings), not one per log line.
+    settings.posting.level = logging.WARNING
+    memo.operator = Operator(config=memo.config, settings=settings, metrics=memo.metrics)
+
+
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    operator: Operator | None = memo.get("operator")
+    if operator is not None:
+        await operator.close()
+
+
+def visionr1_jobs(body: kopf.Body, namespace: str, labels: kopf.Labels, **_: Any) -> dict[tuple[str, str], JobView]:
+    """Index: (namespace, run) -> the run's Jobs, condensed (the full objects are not kept)."""
+    return {(namespace, labels[LABEL_RUN]): observe_job(body)}
+
+
+def job_changed(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
+    memo.operator.wake(namespace, labels[LABEL_RUN])
+
+
+def run_changed(body: kopf.Body, namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    memo.operator.run_changed(namespace, name, body)
+
+
+async def run_stages(
+    body: kopf.Body, stopped: kopf.DaemonStopped, memo: kopf.Memo, visionr1_jobs: kopf.Index,
+    logger: kopf.Logger, **_: Any,
+) -> None:
+    """The run's reconcile loop; returns when the run has succeeded or failed."""
+    await memo.operator.serve_run(body, visionr1_jobs, stopped, logger)
+
+
+def liveness(memo: kopf.Memo, **_: Any) -> dict[str, int]:
+    """Reported by kopf's liveness endpoint (``/healthz``) next to its own checks."""
+    operator: Operator | None = memo.get("operator")
+    return {"runs": len(operator.metrics.phases) if operator else 0}
+
+
+def register(registry: kopf.OperatorRegistry) -> kopf.OperatorRegistry:
+    """Register every handler of the operator into ``registry``."""
+    kopf.on.startup(registry=registry)(configure)
+    kopf.on.cleanup(registry=registry)(cleanup)
+    kopf.on.probe(registry=registry, id="runs")(liveness)
+    kopf.index("batch", "v1", "jobs", labels=OUR_JOBS, registry=registry, id="visionr1_jobs")(visionr1_jobs)
+    kopf.on.event("batch", "v1", "jobs", labels=OUR_JOBS, registry=registry)(job_changed)
+    kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)(run_changed)
+    # Cancellation: the loop exits at once when told; the timeout is a safety net.
+    kopf.daemon(GROUP, VERSION, PLURAL, registry=registry, cancellation_timeout=10.0)(run_stages)
+    return registry

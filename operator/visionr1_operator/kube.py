@@ -1,0 +1,112 @@
+"""The operator's own API calls: create-or-adopt, status and suspend patches, pod listing.
+
+They go through kopf's client, the one the watches use: the same authenticated session
+(re-login on 401, retries with backoff on 429/5xx/connection errors), so the operator
+holds one API client, not two. kopf keeps that client in a private module; this file is
+the only place that touches it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+from urllib.parse import quote
+
+import kopf
+from kopf._cogs.clients import api as _api
+from kopf._cogs.clients import errors as _errors
+
+from .api import GROUP, PLURAL, VERSION
+
+APIError = _errors.APIError
+NotFound = _errors.APINotFoundError
+
+_PLURALS = {
+    ("v1", "ConfigMap"): "configmaps",
+    ("v1", "Service"): "services",
+    ("v1", "Pod"): "pods",
+    ("batch/v1", "Job"): "jobs",
+}
+MERGE_PATCH = {"Content-Type": "application/merge-patch+json"}
+
+
+class ForeignObject(Exception):
+    """An object with the name we need exists but belongs to something else."""
+
+
+def collection_url(api_version: str, kind: str, namespace: str) -> str:
+    prefix = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    return f"{prefix}/namespaces/{namespace}/{_PLURALS[(api_version, kind)]}"
+
+
+def object_url(obj: dict[str, Any]) -> str:
+    meta = obj["metadata"]
+    return f"{collection_url(obj['apiVersion'], obj['kind'], meta['namespace'])}/{meta['name']}"
+
+
+def run_status_url(namespace: str, name: str) -> str:
+    return f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}/status"
+
+
+def _same_owner(existing: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    def owner_uids(obj: dict[str, Any]) -> set[str]:
+        return {o.get("uid") for o in obj.get("metadata", {}).get("ownerReferences") or []}
+
+    return bool(owner_uids(existing) & owner_uids(wanted))
+
+
+@dataclass
+class Kube:
+    """API calls of one run's controller (its logger prefixes the run's name)."""
+
+    settings: kopf.OperatorSettings
+    logger: logging.Logger | logging.LoggerAdapter
+    on_request: Callable[[str, str], None] = lambda verb, resource: None  # metrics hook
+
+    async def create_or_adopt(self, obj: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """Create ``obj``; on 409 adopt the existing one if the same run owns it.
+
+        Names are deterministic (``<run>-<stage>-<attempt>``), so an object that already
+        exists was created by this operator before a restart or a lost status patch:
+        using it, not creating a second, is what makes a restart safe.
+        """
+        meta = obj["metadata"]
+        url = collection_url(obj["apiVersion"], obj["kind"], meta["namespace"])
+        self.on_request("create", obj["kind"])
+        try:
+            created = await _api.post(url, payload=obj, settings=self.settings, logger=self.logger)
+            return created, True
+        except _errors.APIConflictError:
+            pass
+        self.on_request("get", obj["kind"])
+        existing = await _api.get(object_url(obj), settings=self.settings, logger=self.logger)
+        if not _same_owner(existing, obj):
+            raise ForeignObject(
+                f"{obj['kind']} {meta['namespace']}/{meta['name']} already exists and is not owned by this run"
+            )
+        self.logger.info("Adopted the existing %s %s.", obj["kind"], meta["name"])
+        return existing, False
+
+    async def patch_run_status(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        self.on_request("patch", "VisionR1Run")
+        await _api.patch(
+            run_status_url(namespace, name), payload={"status": patch}, headers=MERGE_PATCH,
+            settings=self.settings, logger=self.logger,
+        )
+
+    async def set_job_suspend(self, namespace: str, name: str, suspend: bool) -> None:
+        self.on_request("patch", "Job")
+        url = f"{collection_url('batch/v1', 'Job', namespace)}/{name}"
+        await _api.patch(
+            url, payload={"spec": {"suspend": suspend}}, headers=MERGE_PATCH,
+            settings=self.settings, logger=self.logger,
+        )
+
+    async def list_job_pods(self, namespace: str, job: str) -> list[dict[str, Any]]:
+        """The pods of one Job, selected by the label the Job controller puts on them."""
+        self.on_request("list", "Pod")
+        selector = quote(f"batch.kubernetes.io/job-name={job}")
+        url = f"{collection_url('v1', 'Pod', namespace)}?labelSelector={selector}"
+        listing = await _api.get(url, settings=self.settings, logger=self.logger)
+        return list(listing.get("items") or [])

@@ -1,0 +1,85 @@
+"""Live progress of a running stage, read from the trainer's Prometheus endpoint.
+
+The trainer's rank-0 pod serves ``visionr1_step``, ``visionr1_total_steps``,
+``visionr1_reward_mean`` and ``visionr1_completion_length_mean`` (labels run, stage) on
+its ``metrics`` port. The operator reads them over the pod network, the way Prometheus
+would: the trainer needs no API access and no extra privileges, and the operator only
+needs to list pods to find the pod's IP and port.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from .api import Progress
+from .status import timestamp
+
+_SERIES = {
+    "visionr1_step": "step",
+    "visionr1_total_steps": "total_steps",
+    "visionr1_reward_mean": "reward",
+    "visionr1_completion_length_mean": "completion_length",
+}
+
+
+def parse_progress(text: str, run: str, stage: str, now: datetime) -> Progress | None:
+    """The stage's progress from an exposition-format page (None when it has none yet)."""
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        field = _SERIES.get(family.name)
+        if field is None:
+            continue
+        for sample in family.samples:
+            if sample.labels.get("stage") == stage and sample.labels.get("run", run) == run:
+                if not math.isnan(sample.value):
+                    values[field] = sample.value
+    if not values:
+        return None
+    step, total = values.get("step"), values.get("total_steps")
+    return Progress(
+        stage=stage,
+        step=int(step) if step is not None and step >= 0 else None,
+        total_steps=int(total) if total is not None and total >= 0 else None,
+        reward=_rounded(values.get("reward")),
+        completion_length=_rounded(values.get("completion_length")),
+        updated_at=timestamp(now),
+    )
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None or math.isinf(value) else round(value, 4)
+
+
+def same_progress(a: Progress | None, b: Progress | None) -> bool:
+    """Equal but for the time they were read: no status write for an unchanged reading."""
+    if a is None or b is None:
+        return a is b
+    return a.model_copy(update={"updated_at": None}) == b.model_copy(update={"updated_at": None})
+
+
+class Scraper:
+    """One HTTP session for every scrape of the operator (short timeouts: a slow pod waits)."""
+
+    def __init__(self, timeout_seconds: float = 3.0):
+        self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def fetch(self, url: str) -> str | None:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        try:
+            async with self._session.get(url) as response:
+                if response.status != 200:
+                    return None
+                return await response.text()
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return None  # the pod is starting, restarting or gone: try again next time
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
