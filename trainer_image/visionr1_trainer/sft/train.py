@@ -1,0 +1,303 @@
+"""Cold-start SFT: full fine-tuning of a Qwen2-VL / Qwen2.5-VL model on the cold-start set.
+
+``python -m visionr1_trainer sft --config stage.json`` runs ``run(config)``. Read
+``train_step`` for one optimizer step: the micro-batches of the step, a forward pass
+each, the summed token cross-entropy of the assistant tokens divided by the number of
+such tokens in the whole step (over every micro-batch and rank, so gradient
+accumulation and data parallelism give the gradient of one big batch), then one update.
+
+Data comes from the bridge stage's committed ``dataset`` (``dataUri``) or a given set
+(``data``). The stage commits a resumable checkpoint every ``saveEverySteps`` steps
+(weights, optimizer, RNG, step; the data order and the learning rate are functions of
+the step), resumes from the newest one after a kill, and commits the final model as
+the artifact ``model``, which the first PTST stage starts from. On GPUs with
+``deepspeedZeroStage`` > 0 the update goes through DeepSpeed ZeRO (the GRPO stage's
+engine, ``grpo.engine``); ``torchrun`` starts one process per GPU and node.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..checkpoint import CheckpointManager, MODEL, load_trainer_state, resolve_model_dir
+from ..config import DatasetRef, SFTStageConfig
+from ..distributed import DistEnv, all_reduce_mean, barrier, broadcast_parameters, init_distributed, shutdown
+from ..metrics import StageMetrics
+from ..models.loading import load_vlm
+from ..models.vlm import IMAGE_TOKEN
+from ..runtime import StageStopped, stop_requested
+from .data import IGNORE_INDEX, Batch, TrainingData, build_training_data, collate, epoch_micro_batches, load_group
+from .schedule import StepPlan, lr_multiplier, micro_batches_of_step, step_plan
+
+log = logging.getLogger("visionr1.sft")
+METRICS_LOG = "metrics.jsonl"
+LOAD_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def work_dir_for(config: SFTStageConfig) -> Path:
+    """Scratch space: VISIONR1_WORK_DIR, else beside a local output, else /tmp."""
+    if os.environ.get("VISIONR1_WORK_DIR"):
+        return Path(os.environ["VISIONR1_WORK_DIR"])
+    if config.output_uri.startswith("file://"):
+        return Path(config.output_uri[len("file://"):]) / "_work"
+    return Path("/tmp/visionr1") / config.run / config.stage
+
+
+def run(config: SFTStageConfig) -> dict[str, Any]:
+    env = init_distributed()
+    work = work_dir_for(config)
+    work.mkdir(parents=True, exist_ok=True)
+    metrics = StageMetrics(config.run, config.stage, config.metrics_port if env.is_main else 0,
+                           work / METRICS_LOG if env.is_main else None)
+    try:
+        return train_stage(config, env, work, metrics.start())
+    finally:
+        metrics.close()
+        shutdown(env)
+
+
+# --- the loss and one step -------------------------------------------------------------------
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of the labelled tokens.
+
+    ``logits``: (B, T, V); ``labels``: (B, T) with -100 where there is no loss. Position
+    t predicts token t+1, hence the shift. Returns a scalar: the sum, not the mean; the
+    caller divides by the step's labelled-token count.
+    """
+    shifted = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # float32: stable log-softmax
+    return F.cross_entropy(shifted, labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def global_sum(value: float, env: DistEnv) -> float:
+    return float(all_reduce_mean(torch.tensor(float(value)), env)) * env.world_size
+
+
+def train_step(engine, batches: Sequence[Batch], env: DistEnv, lr: float) -> dict[str, float]:
+    """One optimizer step over ``batches`` (this rank's micro-batches); returns its metrics."""
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+    targets = max(1.0, global_sum(sum(b.target_tokens for b in batches), env))
+    engine.zero_grad()
+    loss_sum = 0.0
+    for batch in batches:
+        inputs = {k: v.to(env.device) for k, v in batch.inputs.items()}
+        logits = engine.module(**inputs).logits  # (B, T, V)
+        loss = token_loss_sum(logits, batch.labels.to(env.device))
+        # Ranks' gradients are averaged, so scale by world size: the sum over ranks of
+        # these losses is the summed loss of the whole step divided by all its tokens.
+        engine.backward(loss * env.world_size / targets)
+        loss_sum += float(loss.detach())
+    grad_norm = float(engine.step())
+    return {"loss": global_sum(loss_sum, env) / targets, "grad_norm": grad_norm, "learning_rate": lr,
+            "tokens": global_sum(sum(b.tokens for b in batches), env), "target_tokens": targets}
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+def data_ref(config: SFTStageConfig) -> DatasetRef:
+    """The bridge stage's committed data set, or the given one."""
+    return DatasetRef(source=config.data_uri) if config.data_uri else config.data
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Micro-batch ``(epoch, index)`` -> collated ``Batch``; the DataLoader's workers prefetch."""
+
+    def __init__(self, data: TrainingData, image_processor, batch_size: int, seed: int, env: DistEnv,
+                 pad_token_id: int, image_token_id: int):
+        self.data, self.image_processor, self.batch_size, self.seed = data, image_processor, batch_size, seed
+        self.rank, self.world_size = env.rank, env.world_size
+        self.pad_token_id, self.image_token_id = pad_token_id, image_token_id
+
+    @lru_cache(maxsize=2)
+    def epoch(self, epoch: int) -> list[list[int]]:
+        return epoch_micro_batches(len(self.data.groups), self.batch_size, epoch, self.seed, self.rank, self.world_size)
+
+    def __getitem__(self, key: tuple[int, int]) -> Batch:
+        epoch, index = key
+        groups = [load_group(self.data.group(g), self.image_processor) for g in self.epoch(epoch)[index]]
+        return collate(groups, self.pad_token_id, self.image_token_id)
+
+    def __len__(self) -> int:
+        return len(self.data.groups)
+
+
+def _identity(batch: Batch) -> Batch:
+    return batch  # the dataset collates: one item is already a micro-batch
+
+
+def step_loader(dataset: StepBatches, plan: StepPlan, accumulation: int, start: int, device: str):
+    """Micro-batches of steps ``start`` .. ``plan.total_steps - 1``, in order, prefetched."""
+    keys = [k for step in range(start, plan.total_steps) for k in micro_batches_of_step(step, plan, accumulation)]
+    workers = int(os.environ.get("VISIONR1_DATA_WORKERS", 4 if device.startswith("cuda") else 0))
+    return iter(torch.utils.data.DataLoader(dataset, batch_size=None, sampler=keys, num_workers=workers,
+                                            collate_fn=_identity, pin_memory=device.startswith("cuda")))
+
+
+# --- model and engine -----------------------------------------------------------------------
+
+
+def load_model(config: SFTStageConfig, env: DistEnv, work: Path, weights_dir: Path | None):
+    """The model to fine-tune (the newest checkpoint's weights when resuming)."""
+    source = resolve_model_dir(config.model.name, config.storage, work)
+    model, tokenizer, image_processor = load_vlm(
+        str(weights_dir) if weights_dir else source, LOAD_DTYPE[config.sft.precision],
+        config.model.attn_implementation, env.device, config.model.processor or source,
+    )
+    model.train()
+    if config.sft.freeze_vision_tower:
+        vision = getattr(model, "visual", None) or model.model.visual
+        vision.requires_grad_(False)
+    return source, model, tokenizer, image_processor
+
+
+def make_sft_engine(model, config: SFTStageConfig, env: DistEnv):
+    """DeepSpeed ZeRO on GPUs when a stage is set; plain torch (+ gradient all-reduce) otherwise."""
+    from ..grpo.engine import DeepSpeedEngine, TorchEngine
+
+    sft = config.sft
+    use_deepspeed = sft.deepspeed_zero_stage > 0 and env.device.startswith("cuda")
+    if sft.precision == "fp16" and not use_deepspeed:
+        raise ValueError("sft.precision: fp16 needs DeepSpeed (deepspeedZeroStage > 0 on GPUs) for "
+                         "loss scaling; use bf16 or fp32")
+    if use_deepspeed:
+        engine = DeepSpeedEngine(model, sft.learning_rate, env, sft.deepspeed_zero_stage, sft.precision,
+                                 sft.per_device_batch_size, sft.max_grad_norm)
+        for group in engine.optimizer.param_groups:
+            group["weight_decay"] = sft.weight_decay
+        return engine
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=sft.learning_rate, weight_decay=sft.weight_decay)
+    return TorchEngine(model, optimizer, env, sft.max_grad_norm)
+
+
+# --- the stage --------------------------------------------------------------------------------
+
+
+def train_stage(config: SFTStageConfig, env: DistEnv, work: Path, metrics: StageMetrics) -> dict[str, Any]:
+    from ..data.formats import read_cold
+
+    sft = config.sft
+    ckpt = CheckpointManager(config.output_uri, config.storage, work)
+    if ckpt.store.is_committed(MODEL) and ckpt.store.get_json("summary.json", None):
+        log.info("%s/%s is already committed; nothing to do", ckpt.store.uri, MODEL)
+        return ckpt.store.get_json("summary.json")
+    torch.manual_seed(sft.seed)
+    found = ckpt.restore_dir()  # resume: the weights load before the engine takes the model
+    source, model, tokenizer, image_processor = load_model(config, env, work, found[1] / "model" if found else None)
+    read = read_cold(data_ref(config), config.storage, work / "cache")
+    data = build_training_data(read.items, tokenizer, image_processor, sft.cutoff_length, sft.packing)
+    skipped = {**dict(read.skipped), **{k: v for k, v in data.skipped.items() if v}}
+    if not data.samples:
+        raise RuntimeError(f"{data_ref(config).source}: no usable cold-start samples (skipped: {skipped})")
+    plan = step_plan(len(data.groups), sft.per_device_batch_size, sft.gradient_accumulation_steps,
+                     sft.epochs, sft.warmup_ratio, env.world_size)
+    engine = make_sft_engine(model, config, env)
+    start = load_trainer_state(found[1], engine.checkpointable_optimizer)[0] if found else 0
+    if found is None and not hasattr(engine, "engine"):
+        broadcast_parameters(engine.module, env)  # every rank starts from rank 0's weights
+    restore_metrics_log(found, metrics, start)
+    metrics.set(total_steps=plan.total_steps)
+    metrics.event("start", step=start, model=source, samples=len(data.samples), sequences=len(data.groups),
+                  skipped=skipped, resumed=found is not None, attempt=config.attempt)
+    log.info("SFT of %s on %d samples (%d sequences): steps %d..%d, %d per epoch", source,
+             len(data.samples), len(data.groups), start, plan.total_steps, plan.steps_per_epoch)
+    dataset = StepBatches(data, image_processor, sft.per_device_batch_size, sft.seed, env,
+                          tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    batches = step_loader(dataset, plan, sft.gradient_accumulation_steps, start, env.device)
+    history: list[dict[str, float]] = []
+    info = {"samples": len(data.samples), "skipped": skipped}
+
+    def save(step: int) -> None:
+        save_checkpoint(engine, ckpt, metrics, env, step)
+
+    for step in range(start, plan.total_steps):
+        if stop_requested():
+            save(step)
+            raise StageStopped(stage_summary(history, step, plan, None, info))
+        started = time.monotonic()
+        micro = [next(batches) for _ in micro_batches_of_step(step, plan, sft.gradient_accumulation_steps)]
+        lr = sft.learning_rate * lr_multiplier(step, plan.total_steps, plan.warmup_steps, sft.lr_scheduler)
+        stats = train_step(engine, micro, env, lr)
+        stats["tokens_per_second"] = stats["tokens"] / max(time.monotonic() - started, 1e-9)
+        stats["epoch"] = (step + 1) / plan.steps_per_epoch
+        history.append(stats)
+        if env.is_main:
+            metrics.log(step + 1, stats)
+            log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s", step + 1, plan.total_steps, stats["loss"],
+                     lr, stats["tokens_per_second"])
+        if (step + 1) % sft.save_every_steps == 0 and step + 1 < plan.total_steps:
+            save(step + 1)
+    save(plan.total_steps)
+    weights = engine.full_state_dict()  # a collective under ZeRO-3: every rank takes part
+    uri = None
+    if env.is_main:
+        uri = ckpt.commit_model(engine.module, tokenizer, image_processor,
+                                {"stage": config.stage, "step": plan.total_steps}, state_dict=weights)
+    barrier(env)
+    summary = stage_summary(history, plan.total_steps, plan, uri, info)
+    if env.is_main:
+        ckpt.store.put_json("summary.json", summary)
+    return summary
+
+
+def save_checkpoint(engine, ckpt: CheckpointManager, metrics: StageMetrics, env: DistEnv, step: int) -> None:
+    """Commit weights, optimizer, RNG and the metrics log (rank 0 writes; all ranks wait)."""
+    weights = engine.full_state_dict()  # collective under ZeRO-3
+    if env.is_main:
+        files = {METRICS_LOG: metrics.jsonl_path} if metrics.jsonl_path else {}
+        uri = ckpt.save(step, engine.module, engine.checkpointable_optimizer, extra_files=files,
+                        state_dict=weights)
+        metrics.event("checkpoint", step=step, uri=uri)
+    barrier(env)
+
+
+def restore_metrics_log(found: tuple[str, Path] | None, metrics: StageMetrics, step: int) -> None:
+    """After a resume the log holds each step up to the checkpoint exactly once.
+
+    A fresh pod gets the log back from the checkpoint; a local re-run drops the lines of
+    steps after the checkpoint, which run again.
+    """
+    path = metrics.jsonl_path
+    if path is None or not step:
+        return
+    saved = found[1] / METRICS_LOG if found else None
+    text = saved.read_text() if saved is not None and saved.exists() else (path.read_text() if path.exists() else "")
+    kept = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # torn by the kill
+        if record.get("type") != "step" or record.get("step", 0) <= step:
+            kept.append(line)
+    metrics.close()
+    path.write_text("".join(f"{line}\n" for line in kept))
+    metrics.start()
+
+
+def stage_summary(history: list[dict[str, float]], step: int, plan: StepPlan, uri: str | None,
+                  info: dict[str, Any]) -> dict[str, Any]:
+    """The compact exit summary: the last step and the recent steps' mean metrics."""
+    recent = history[-5:]
+
+    def mean(key: str) -> float | None:
+        values = [h[key] for h in recent if key in h and math.isfinite(h[key])]
+        return round(sum(values) / len(values), 6) if values else None
+
+    return {"step": step, "totalSteps": plan.total_steps, "loss": mean("loss"),
+            "learningRate": recent[-1]["learning_rate"] if recent else None,
+            "tokensPerSecond": mean("tokens_per_second"), "samples": info["samples"],
+            "skipped": info["skipped"], "artifactUri": uri}
