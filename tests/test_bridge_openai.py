@@ -174,4 +174,9 @@ def test_bridge_end_to_end_through_an_openai_endpoint(fast_backoff, tmp_path):
     data = [json.loads(line) for line in (tmp_path / "out" / "dataset" / "data.jsonl").read_text().splitlines()]
     assert data[0]["conversations"][1]["value"] == (
         "<think>The description says 1. Wait, let me check: yes, 1.</think><answer> Final Answer:1 </answer>")
+    steps = [json.loads(line) for line in (tmp_path / "out" / "_work" / "metrics.jsonl").read_text().splitlines()
+             if '"type": "step"' in line]
+    assert [s["step"] for s in steps] == [1, 2, 3, 4]  # 2 shards of phase 1, then 2 of phase 2
+    assert (steps[-1]["kept"], steps[-1]["dropped_answer_mismatch"], steps[-1]["samples_done"]) == (5, 1, 6)
+    assert steps[-1]["samples_per_second"] > 0
     assert summary["kept"] == 5 and Path(tmp_path / "out" / "dataset" / data[0]["images"][0]).is_file()

@@ -213,9 +213,11 @@ def run_phase(config, store, plan, by_id, role: str, templates, work: Path, metr
         return
     spec = config.bridge.multimodal_model if role == "multimodal" else config.bridge.reasoning_model
     generator = make_generator(spec, GeneratorContext(role, config.bridge.seed, config.storage, work))
-    rows_per_shard = 2 if role == "multimodal" else 1
-    bar = tqdm(total=rows_per_shard * sum(len(plan[k]) for k in todo), desc=f"bridge {role}",
-               unit="req", mininterval=10, disable=None)
+    # Metric steps count finished work units: phase 1 shards, then phase 2 shards.
+    progress = PhaseProgress(role, len(plan) - len(todo), 0 if role == "multimodal" else len(plan),
+                             done_verdicts(store, plan) if role == "reasoning" else None)
+    bar = tqdm(total=(2 if role == "multimodal" else 1) * sum(len(plan[k]) for k in todo),
+               desc=f"bridge {role}", unit="req", mininterval=10, disable=None)
     try:
         for k in todo:
             if stop_requested():
@@ -229,11 +231,39 @@ def run_phase(config, store, plan, by_id, role: str, templates, work: Path, metr
                 described = {r["id"]: r for r in read_rows(store, describe_name(k))}
                 rows = reason_shard(generator, items, described, templates, config.bridge.filters, bar.update)
                 commit_rows(store, reason_name(k), rows, work)
-            log_shard(metrics, store, plan, role, k, rows, time.monotonic() - started)
+            progress.shard_done(metrics, rows, time.monotonic() - started)
+            log.info("%s shard %d/%d: %d rows", role, k + 1, len(plan), len(rows))
     finally:
         bar.close()
         metrics.event("generator", role=role, **generator.describe())
         generator.close()
+
+
+def done_verdicts(store, plan) -> collections.Counter:
+    """Verdicts (kept / drop reason) of the reasoning shards committed before this attempt."""
+    totals: collections.Counter = collections.Counter()
+    for k in range(len(plan)):
+        if store.is_committed(reason_name(k)):
+            totals.update(r["status"] for r in read_rows(store, reason_name(k)))
+    return totals
+
+
+class PhaseProgress:
+    """Running totals of a phase, exported after every shard: throughput, kept, drops by reason."""
+
+    def __init__(self, role: str, shards_done: int, step_offset: int, verdicts: collections.Counter | None):
+        self.role, self.shards_done, self.step_offset, self.verdicts = role, shards_done, step_offset, verdicts
+
+    def shard_done(self, metrics: StageMetrics, rows: list[dict], seconds: float) -> None:
+        self.shards_done += 1
+        values: dict[str, float] = {"samples_per_second": len(rows) / max(seconds, 1e-9),
+                                    f"{self.role}_shards_done": self.shards_done}
+        if self.verdicts is not None:
+            self.verdicts.update(r["status"] for r in rows)
+            values["kept"] = self.verdicts.get("kept", 0)
+            values["samples_done"] = sum(self.verdicts.values())
+            values.update({f"dropped_{reason}": self.verdicts.get(reason, 0) for reason in DROP_REASONS[1:]})
+        metrics.log(self.step_offset + self.shards_done, values)
 
 
 def commit_rows(store, name: str, rows: list[dict], work: Path) -> str:
@@ -248,22 +278,6 @@ def commit_rows(store, name: str, rows: list[dict], work: Path) -> str:
 
 def read_rows(store, name: str) -> list[dict]:
     return [json.loads(line) for line in store.open_file(name, ROWS).decode().splitlines() if line]
-
-
-def log_shard(metrics: StageMetrics, store, plan, role: str, shard: int, rows: list[dict], seconds: float) -> None:
-    """Progress after a shard: throughput, and (phase 2) kept and dropped so far by reason."""
-    values: dict[str, float] = {"samples_per_second": len(rows) / max(seconds, 1e-9),
-                                "shards_done": sum(store.is_committed(reason_name(k)) for k in range(len(plan)))}
-    if role == "reasoning":
-        totals = collections.Counter()
-        for k in range(len(plan)):
-            if store.is_committed(reason_name(k)):
-                totals.update(r["status"] for r in read_rows(store, reason_name(k)))
-        values["kept"] = totals.pop("kept", 0)
-        values["samples_done"] = values["kept"] + sum(totals.values())
-        values.update({f"dropped_{reason}": totals.get(reason, 0) for reason in DROP_REASONS[1:]})
-    metrics.log(int(values["shards_done"]), values)
-    log.info("%s shard %d/%d: %d rows in %.1fs", role, shard + 1, len(plan), len(rows), seconds)
 
 
 def commit_dataset(config, store, plan, by_id, source, duplicates: int, work: Path, metrics) -> dict[str, Any]:

@@ -66,19 +66,20 @@ class OpenAIGenerator(Generator):
 
     def _request_with_retries(self, request: Request) -> Completion:
         body = json.dumps(self._payload(request)).encode()
-        for attempt in range(self.spec.max_retries + 1):
+        attempt = 0
+        while True:
             try:
                 return self._post(body)
-            except Retryable as exc:
-                self._count(exc.kind)
-                if attempt == self.spec.max_retries:
-                    self._count("gave_up")
-                    return Completion(None, error=f"openai_{exc.kind}")
-                time.sleep(self._backoff(attempt, exc.retry_after))
             except _Fatal as exc:
                 self._count(exc.kind)
                 return Completion(None, error=f"openai_{exc.kind}")
-        raise AssertionError("unreachable")  # the loop always returns
+            except Retryable as exc:
+                self._count(exc.kind)
+                if attempt >= self.spec.max_retries:
+                    self._count("gave_up")
+                    return Completion(None, error=f"openai_{exc.kind}")
+                time.sleep(self._backoff(attempt, exc.retry_after))
+                attempt += 1
 
     def _payload(self, request: Request) -> dict[str, Any]:
         return {
