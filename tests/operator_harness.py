@@ -84,6 +84,8 @@ class Cluster(kmock.KubernetesEmulator):
             meta = data.setdefault("metadata", {})
             if request.namespace:
                 meta.setdefault("namespace", request.namespace)
+            if not meta.get("name") and meta.get("generateName"):
+                meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
             meta.setdefault("uid", str(uuid.uuid4()))
             meta.setdefault("creationTimestamp", now_iso())
             meta["generation"], meta["resourceVersion"] = 1, rv
@@ -145,6 +147,9 @@ class Api:
         run = self.get(RUNS, namespace, name)
         assert run is not None, f"no run {namespace}/{name}"
         return run
+
+    def status(self, name: str, namespace: str = "default") -> dict[str, Any]:
+        return self.run(name, namespace).get("status") or {}
 
     def jobs(self, namespace: str = "default") -> list[dict[str, Any]]:
         return self.objects("batch/v1/jobs", namespace)
@@ -216,7 +221,7 @@ class Api:
 
     async def wait_phase(self, run: str, phase: str, namespace: str = "default", timeout: float = 10.0) -> dict:
         return await self.wait_for(
-            lambda: (r := self.run(run, namespace)).get("status", {}).get("phase") == phase and r,
+            lambda: self.status(run, namespace).get("phase") == phase and self.run(run, namespace),
             timeout, f"run {run} in phase {phase}",
         )
 

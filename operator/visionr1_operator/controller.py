@@ -120,6 +120,9 @@ class RunController:
         self.wake = asyncio.Event()
         self.kube = Kube(operator.settings, logger, on_request=operator.metrics.api_request)
         self.status = parse_status(body.get("status"), logger)
+        # The status as stored, the base of the next merge patch (defaults included: a
+        # field the model defaults but the object lacks, such as a first phase, is written).
+        self._written: dict[str, Any] = _plain(body.get("status"))
         self._spec_seen: Any = None
         self._parsed: tuple[Any, VisionR1Run | None, list] = (None, None, [])
         self._created: dict[str, JobView] = {}  # our Jobs that kopf's index has not shown yet
@@ -255,11 +258,11 @@ class RunController:
         for name, suspend in decision.suspend_jobs.items():
             await self.kube.set_job_suspend(self.key[0], name, suspend)
             self._suspends[name] = suspend
-        before = self.status
-        patch = merge_patch(status_document(before), status_document(decision.status))
+        before, document = self.status, status_document(decision.status)
+        patch = merge_patch(self._written, document)
         if patch:
             await self.kube.patch_run_status(self.key[0], self.key[1], patch)
-        self.status = decision.status
+        self.status, self._written = decision.status, document
         for event in decision.events:
             kopf.event(self.body, type=event.type, reason=event.reason, message=event.message[:1024])
         self.op.metrics.observe_stages(before.stages, decision.status.stages, _duration)
@@ -278,6 +281,15 @@ class RunController:
         if job is not None and job.state == "Running":
             delays.append(max(self._next_scrape - time.monotonic(), 0.0) or self.op.config.progress_interval)
         return min(delays) if delays else None
+
+
+def _plain(value: Any) -> Any:
+    """A deep copy of a (kopf view of a) JSON document as plain dicts and lists."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _duration(record: StageStatus) -> float | None:

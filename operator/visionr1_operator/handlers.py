@@ -75,6 +75,7 @@ def register(registry: kopf.OperatorRegistry) -> kopf.OperatorRegistry:
     kopf.index("batch", "v1", "jobs", labels=OUR_JOBS, registry=registry, id="visionr1_jobs")(visionr1_jobs)
     kopf.on.event("batch", "v1", "jobs", labels=OUR_JOBS, registry=registry)(job_changed)
     kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)(run_changed)
-    # Cancellation: the loop exits at once when told; the timeout is a safety net.
-    kopf.daemon(GROUP, VERSION, PLURAL, registry=registry, cancellation_timeout=10.0)(run_stages)
+    # Told to stop, the loop exits at its next await; cancelled only if it has not in 5 s.
+    kopf.daemon(GROUP, VERSION, PLURAL, registry=registry, cancellation_backoff=5.0,
+                cancellation_timeout=10.0)(run_stages)
     return registry

@@ -485,6 +485,7 @@ class JobView:
     message: str | None = None
     start_time: str | None = None
     finished_at: str | None = None
+    config_hash: str | None = None
 
     @property
     def failure_kind(self) -> FailureKind:
@@ -529,6 +530,7 @@ def observe_job(job: Mapping[str, Any]) -> JobView:
         message=message,
         start_time=status.get("startTime"),
         finished_at=finished,
+        config_hash=(meta.get("annotations") or {}).get(ANNOTATION_CONFIG_HASH),
     )
 
 

@@ -104,8 +104,9 @@ def decide(obs: Observed, settings: ReconcileSettings) -> Decision:
     refused = refused_changes(out.status.stages, plans)
     if not refused:
         out.status.stages = _align(out.status.stages, list(plans.values()))
+    stages_with_jobs = {j.stage for j in obs.jobs.values()}
     for record in out.status.stages:
-        if record.state in ("Pending", "Running") and record.attempts:
+        if record.state in ("Pending", "Running") and (record.attempts or record.name in stages_with_jobs):
             _track(record, plans.get(record.name), obs, settings, out, can_retry=not (refused or run.spec.suspend))
     current = current_stage(out.status.stages)
     if current is not None and not refused and not run.spec.suspend:
@@ -159,8 +160,10 @@ def _track(
 ) -> None:
     """Bring a started stage's record up to date with its latest attempt's Job."""
     latest = max((j for j in obs.jobs.values() if j.stage == record.name), key=lambda j: j.attempt, default=None)
-    if latest is not None and latest.attempt > record.attempts:
-        record.attempts, record.job_name = latest.attempt, latest.name  # a status patch was lost
+    if latest is not None and latest.attempt > record.attempts:  # a status patch was lost
+        record.attempts, record.job_name = latest.attempt, latest.name
+        record.config_hash = latest.config_hash or record.config_hash
+        record.start_time = record.start_time or latest.start_time or timestamp(obs.now)
     job = obs.jobs.get(record.job_name or "")
     if job is None:
         return  # not created yet, or deleted: _start_if_needed creates it under the same name
