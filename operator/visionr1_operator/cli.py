@@ -130,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
     p.add_argument("--image", default=DEFAULT_TRAINER_IMAGE, help="default trainer image")
     p.set_defaults(func=cmd_plan)
+
+    from . import cli_local
+
+    cli_local.register(sub)
     return parser
 
 

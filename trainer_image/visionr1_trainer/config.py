@@ -811,6 +811,11 @@ def format_errors(exc: ValidationError, strip: tuple = ()) -> list[tuple[str, st
     return out
 
 
+# The artifact each kind of stage commits last under its output URI: the stage is done
+# when it is committed (the next stage reads it).
+FINAL_ARTIFACT = {"bridge": "dataset", "sft": "model", "grpo": "model", "eval": "results"}
+
+
 def artifact_uri(storage_uri: str, *parts: str) -> str:
     """``<storage>/<namespace>/<run>/<stage>``: where a stage commits its artifacts."""
     base = storage_uri.rstrip("/")

@@ -64,9 +64,14 @@ class StageMetrics:
         self._write({"type": "step", "time": time.time(), "stage": self.stage, "step": step, **values})
 
     def set(self, **values: float) -> None:
-        """Set gauges that are not per step (``total_steps``, ``samples_total``...)."""
+        """Set gauges that are not per step (``total_steps``, ``samples_total``...).
+
+        Also logged, so a reader of the log (the local executor's progress bar) knows
+        the totals too.
+        """
         for key, value in values.items():
             self._gauge(key).labels(run=self.run, stage=self.stage).set(float(value))
+        self._write({"type": "set", "time": time.time(), "stage": self.stage, **values})
 
     def event(self, kind: str, **fields: Any) -> None:
         """A JSONL event (start, checkpoint, resume, end...)."""

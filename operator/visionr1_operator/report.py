@@ -1,0 +1,238 @@
+"""`visionr1 report RUN_DIR`: a self-contained HTML report and PNG plots of a run.
+
+Reads only what the stages committed or logged under the run directory
+(``<storage>/<namespace>/<run>``): ``status.json``, each stage's metrics log
+(``<stage>/_work/metrics.jsonl``), the bridge stage's ``dataset/stats.json`` and the
+eval stage's ``results/summary.json``. Plots, in the manner of the paper's figures:
+reward and completion length per step across the PTST stages, SFT loss, the bridge
+statistics, and the eval table of base, SFT and each PTST stage side by side.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .api import VisionR1RunStatus
+from .local import STATUS_FILE
+
+
+class ReportError(Exception):
+    """The directory is not a run directory, or holds nothing to report."""
+
+
+@dataclass
+class RunData:
+    directory: Path
+    status: VisionR1RunStatus
+    logs: dict[str, list[dict]] = field(default_factory=dict)  # stage -> step records
+    bridge_stats: dict | None = None
+    eval_summary: dict | None = None
+
+
+def _jsonl_steps(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a torn last line of a killed stage
+        if record.get("type") == "step":
+            out.append(record)
+    return out
+
+
+def _json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def load_run_data(directory: str | Path) -> RunData:
+    directory = Path(directory)
+    if not (directory / STATUS_FILE).exists():
+        raise ReportError(f"{directory}: no {STATUS_FILE} here; give the run directory `visionr1 run` printed")
+    status = VisionR1RunStatus.model_validate(json.loads((directory / STATUS_FILE).read_text()))
+    data = RunData(directory, status)
+    for record in status.stages:
+        data.logs[record.name] = _jsonl_steps(directory / record.name / "_work" / "metrics.jsonl")
+    data.bridge_stats = _json(directory / "bridge" / "dataset" / "stats.json")
+    data.eval_summary = _json(directory / "eval" / "results" / "summary.json")
+    return data
+
+
+# --- plots --------------------------------------------------------------------------------
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_ptst(data: RunData, out: Path) -> Path | None:
+    """Reward and completion length per step, PTST stages one after another."""
+    stages = [s for s in data.status.stages if s.kind == "grpo" and data.logs.get(s.name)]
+    if not stages:
+        return None
+    plt = _figure()
+    fig, (ax_r, ax_l) = plt.subplots(1, 2, figsize=(11, 3.8))
+    offset = 0
+    for record in stages:
+        steps = data.logs[record.name]
+        x = [offset + r["step"] for r in steps]
+        ax_r.plot(x, [r.get("reward_mean") for r in steps], label=record.name)
+        ax_l.plot(x, [r.get("completion_length_mean") for r in steps], label=record.name)
+        offset = x[-1]
+        for ax in (ax_r, ax_l):
+            ax.axvline(offset, color="grey", lw=0.6, ls=":")
+    ax_r.set(title="Reward (HFRRF) per step", xlabel="GRPO step", ylabel="mean reward")
+    ax_l.set(title="Completion length per step", xlabel="GRPO step", ylabel="mean tokens")
+    for ax in (ax_r, ax_l):
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    return _save(fig, out / "ptst.png")
+
+
+def plot_sft(data: RunData, out: Path) -> Path | None:
+    steps = data.logs.get("sft") or []
+    if not steps or "loss" not in steps[0]:
+        return None
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in steps], [r["loss"] for r in steps])
+    ax.set(title="Cold-start SFT loss", xlabel="optimizer step", ylabel="loss")
+    ax.grid(alpha=0.3)
+    return _save(fig, out / "sft.png")
+
+
+def plot_bridge(data: RunData, out: Path) -> Path | None:
+    stats = data.bridge_stats
+    if not stats:
+        return None
+    plt = _figure()
+    fig, (ax_k, ax_h, ax_m) = plt.subplots(1, 3, figsize=(13, 3.6))
+    reasons = {"kept": stats.get("kept", 0), **stats.get("dropped", {})}
+    ax_k.barh(list(reasons), list(reasons.values()), color=["tab:green"] + ["tab:red"] * (len(reasons) - 1))
+    ax_k.set(title=f"Samples: {stats.get('samples_in', 0)} in", xlabel="samples")
+    hist = (stats.get("reasoning_words") or {}).get("histogram")
+    if hist:
+        edges, counts = hist["edges"], hist["counts"]
+        ax_h.bar(edges[:-1], counts, width=[b - a for a, b in zip(edges, edges[1:])], align="edge")
+    ax_h.set(title="Reasoning length", xlabel="words", ylabel="samples")
+    markers = (stats.get("self_reflection") or {}).get("by_marker", {})
+    ax_m.barh(list(markers), list(markers.values()))
+    ax_m.set(title="Self-reflection markers", xlabel="occurrences")
+    return _save(fig, out / "bridge.png")
+
+
+def eval_table(data: RunData) -> tuple[list[str], list[str], dict[tuple[str, str], dict]]:
+    """(benchmarks, model labels, cells) from the eval summary (``summary[bench][label]``)."""
+    summary = data.eval_summary or {}
+    benches = summary.get("benchmarks", summary)
+    cells: dict[tuple[str, str], dict] = {}
+    labels: list[str] = []
+    for bench, by_label in benches.items():
+        if not isinstance(by_label, dict):
+            continue
+        for label, result in by_label.items():
+            if isinstance(result, dict) and "accuracy" in result:
+                cells[(bench, label)] = result
+                labels += [label] if label not in labels else []
+    return sorted({b for b, _ in cells}), labels, cells
+
+
+def plot_eval(data: RunData, out: Path) -> Path | None:
+    benches, labels, cells = eval_table(data)
+    if not cells:
+        return None
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(labels) * len(benches)), 3.6))
+    width = 0.8 / len(labels)
+    for i, label in enumerate(labels):
+        xs = [b + i * width for b in range(len(benches))]
+        ax.bar(xs, [100 * cells.get((bench, label), {}).get("accuracy", 0) for bench in benches], width, label=label)
+    ax.set_xticks([b + 0.4 - width / 2 for b in range(len(benches))], benches)
+    ax.set(title="Accuracy by model", ylabel="accuracy (%)", ylim=(0, 100))
+    ax.legend(fontsize=8)
+    return _save(fig, out / "eval.png")
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+# --- html -----------------------------------------------------------------------------------
+
+
+def _img(path: Path | None, alt: str) -> str:
+    if path is None:
+        return f"<p class=missing>No {html.escape(alt)} data in this run.</p>"
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _eval_html(data: RunData) -> str:
+    benches, labels, cells = eval_table(data)
+    if not cells:
+        return "<p class=missing>No eval results in this run.</p>"
+    rows = ["<tr><th>benchmark</th>" + "".join(f"<th>{html.escape(l)}</th>" for l in labels) + "</tr>"]
+    for bench in benches:
+        tds = "".join(
+            f"<td>{100 * cells[(bench, l)]['accuracy']:.1f}% <small>(n={cells[(bench, l)].get('n', '?')})</small></td>"
+            if (bench, l) in cells else "<td>-</td>" for l in labels
+        )
+        rows.append(f"<tr><th>{html.escape(bench)}</th>{tds}</tr>")
+    return "<table>" + "".join(rows) + "</table>"
+
+
+def _stages_html(status: VisionR1RunStatus) -> str:
+    rows = ["<tr><th>stage</th><th>state</th><th>attempts</th><th>summary</th></tr>"]
+    for s in status.stages:
+        summary = html.escape(json.dumps(s.summary)) if s.summary else "-"
+        rows.append(f"<tr><td>{s.name}</td><td>{s.state}</td><td>{s.attempts}</td><td><code>{summary}</code></td></tr>")
+    return "<table>" + "".join(rows) + "</table>"
+
+
+STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}img{max-width:100%}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}
+code{font-size:0.8em}.missing{color:#888}"""
+
+
+def write_report(directory: str | Path) -> tuple[Path, dict[str, Path | None]]:
+    """Write ``report/index.html`` and the PNGs; returns the HTML path and the plots."""
+    data = load_run_data(directory)
+    out = data.directory / "report"
+    out.mkdir(exist_ok=True)
+    plots = {
+        "ptst": plot_ptst(data, out), "sft": plot_sft(data, out),
+        "bridge": plot_bridge(data, out), "eval": plot_eval(data, out),
+    }
+    name = data.directory.name
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Vision-R1 run {html.escape(name)}</title>
+<style>{STYLE}</style></head><body>
+<h1>Vision-R1 run <code>{html.escape(name)}</code>: {data.status.phase}</h1>
+<h2>Evaluation</h2>{_eval_html(data)}{_img(plots["eval"], "eval")}
+<h2>PTST (GRPO) stages</h2>{_img(plots["ptst"], "PTST")}
+<h2>Cold-start SFT</h2>{_img(plots["sft"], "SFT loss")}
+<h2>Modality Bridging data</h2>{_img(plots["bridge"], "bridge statistics")}
+<h2>Stages</h2>{_stages_html(data.status)}
+</body></html>"""
+    index = out / "index.html"
+    index.write_text(page)
+    return index, plots
