@@ -26,9 +26,11 @@ $(STAMP): pyproject.toml constraints.txt
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
+# The whole pipeline on a tiny model on CPU: builds the inputs (tiny Qwen2.5-VL,
+# synthetic images), runs examples/tiny-cpu.yaml stage by stage, writes the report.
 demo: install
 	$(BIN)/visionr1 validate examples/tiny-cpu.yaml
-	$(BIN)/visionr1 plan examples/tiny-cpu.yaml
+	$(BIN)/visionr1 demo
 
 test: install
 	$(BIN)/python -m pytest -n 2
