@@ -233,6 +233,22 @@ def stage_config(plan: StagePlan, attempt: int, directory: Path, metrics_port: i
     return path
 
 
+# Per-attempt details that do not change what a stage computes.
+_VOLATILE = ("attempt", "metricsPort", "terminationMessagePath")
+
+
+def config_changed(plan: StagePlan, directory: Path) -> bool:
+    """True when a stage that already ran was configured differently then."""
+    path = directory / "configs" / f"{plan.name}.json"
+    try:
+        before = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    now_ = plan.config.to_json_dict()
+    return {k: v for k, v in before.items() if k not in _VOLATILE} != {
+        k: v for k, v in now_.items() if k not in _VOLATILE}
+
+
 def read_summary(directory: Path, plan: StagePlan) -> dict:
     path = directory / "logs" / f"{plan.name}.summary.json"
     try:
@@ -255,7 +271,10 @@ def execute(run: VisionR1Run, display, metrics_port: int = 9400) -> int:
             if stage_committed(plan):
                 if record.state != "Succeeded":
                     record.state, record.artifact_uri = "Succeeded", f"{plan.output_uri}/{FINAL_ARTIFACT[plan.kind]}"
-                display.skipped(plan)
+                # A finished stage is never re-run behind the user's back, nor is a
+                # change to its settings silently ignored: say so (the operator sets a
+                # condition for the same case).
+                display.skipped(plan, changed=config_changed(plan, directory))
                 continue
             record.state, record.attempts = "Running", record.attempts + 1
             record.start_time = record.start_time or now()

@@ -39,8 +39,12 @@ class RichDisplay:
     def _task(self, plan: StagePlan) -> int:
         return self.tasks[plan.name]
 
-    def skipped(self, plan: StagePlan) -> None:
+    def skipped(self, plan: StagePlan, changed: bool = False) -> None:
         self.bars.update(self._task(plan), total=1, completed=1, live="committed earlier: skipped")
+        if changed:
+            self.console.print(
+                f"[yellow]warning[/]: {plan.name} already finished with other settings; the change is not "
+                f"applied to it (delete {plan.output_uri} to run it again)")
 
     def progress(self, plan: StagePlan, p: StageProgress) -> None:
         task = self._task(plan)
