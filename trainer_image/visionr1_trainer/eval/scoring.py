@@ -1,0 +1,160 @@
+"""Rule-based scoring of one completion, and a unit's records summed up into its scores.
+
+Correctness by rules, per item:
+
+* multiple choice: the extracted option letter (``extract.extract_answer`` with the
+  item's options, or a bare letter when the options could not be read) equals the
+  ground truth's letter;
+* a float with a ``precision`` (MathVista): both sides rounded to that many decimals are
+  equal, as MathVista's own scorer does;
+* a float with a ``tolerance`` (DynaMath): within it (``π`` read as pi), as DynaMath's
+  scorer does;
+* an integer (MathVista): the same number;
+* everything else, and any of the above whose answer is not a plain number: the GRPO
+  reward's ``answers_match`` (letters, words, then math-verify in bounded-time worker
+  processes: ``\\frac{1}{2}`` = ``0.5``, units and degrees dropped).
+
+A unit's summary (``summarize``) counts every item: a prompt too long to run, a
+completion without an answer and a verifier timeout all count as wrong. The optional
+judge's verdicts are summed beside the rule-based ones, never instead of them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from ..answers import choice_letter, normalize_answer
+from ..grpo.reward import answers_match, check_format
+from .benchmarks import EvalItem
+from .extract import answer_text, extract_answer, parse_number
+
+__all__ = ["Verdict", "is_correct", "score", "summarize"]
+
+# "2π", "2\pi", "π": DynaMath writes some float answers as multiples of pi.
+_PI = re.compile(r"([-+]?(?:\d+(?:\.\d*)?|\.\d+))?\s*(?:π|\\pi)")
+_DIGITS = 4  # rounding of the reported rates
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The rule-based verdict on one completion.
+
+    ``extracted``: the option letter (multiple choice) or the answer text, None when the
+    completion holds none; ``timed_out``: math-verify ran out of time (counted wrong);
+    ``format_ok``: the strict ``<think>..</think><answer>..</answer>`` format (HFRRF's).
+    """
+
+    extracted: str | None
+    correct: bool
+    timed_out: bool
+    format_ok: bool
+
+
+def score(item: EvalItem, completion: str | None) -> Verdict:
+    """The verdict on ``completion`` (None: no completion, e.g. the prompt was too long)."""
+    if completion is None:
+        return Verdict(None, False, False, False)
+    if item.multiple_choice:
+        if item.choices:
+            extracted = extract_answer(completion, item.choices)
+        else:  # options not readable from the question: only a letter can be compared
+            text = answer_text(completion)
+            extracted = choice_letter(text) if text is not None else None
+        return Verdict(extracted, extracted == item.answer, False, check_format(completion))
+    extracted = extract_answer(completion)
+    correct, timed_out = is_correct(item, extracted)
+    return Verdict(extracted, correct, timed_out, check_format(completion))
+
+
+def _float(text: str) -> float | None:
+    text = normalize_answer(text)
+    match = _PI.fullmatch(text.strip())
+    if match is not None:
+        return float(match.group(1) or 1.0) * math.pi
+    return parse_number(text)
+
+
+def is_correct(item: EvalItem, extracted: str | None) -> tuple[bool, bool]:
+    """``(correct, timed_out)`` of a free-form answer against ``item.answer``."""
+    if extracted is None:
+        return False, False
+    truth = item.answer
+    if item.answer_type in ("float", "integer"):
+        value, target = _float(extracted), _float(truth)
+        if value is not None and target is not None:
+            if item.tolerance is not None:
+                return abs(value - target) <= item.tolerance + 1e-12, False
+            if item.answer_type == "float" and item.precision is not None:
+                return round(value, item.precision) == round(target, item.precision), False
+            return value == target, False
+    return answers_match(extracted, truth)
+
+
+# --- a unit's summary ------------------------------------------------------------------------
+
+
+def _rate(count: float, total: int) -> float | None:
+    return round(count / total, _DIGITS) if total else None
+
+
+def _scores(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy and count (and judged accuracy, when a judge ran) of some records."""
+    out: dict[str, Any] = {"accuracy": _rate(sum(r["correct"] for r in records), len(records)),
+                           "n": len(records)}
+    judged = [r["judged"] for r in records if r.get("judged") is not None]
+    if judged:
+        out["judgedAccuracy"] = _rate(sum(judged), len(judged))
+    return out
+
+
+def _category_scores(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``{"<group>:<value>": scores}``: MathVista's ``task:GPS``, ``skill:ALG``..."""
+    members: dict[str, list[dict]] = defaultdict(list)
+    for record in records:
+        for group, values in (record.get("categories") or {}).items():
+            for value in values:
+                members[f"{group}:{value}"].append(record)
+    return {name: _scores(members[name]) for name in sorted(members)}
+
+
+def _worst_case(records: Iterable[dict[str, Any]]) -> tuple[float | None, int]:
+    """DynaMath's worst-case accuracy: a question counts only if all its variants are right."""
+    groups: dict[str, bool] = {}
+    for record in records:
+        if record.get("group") is not None:
+            groups[record["group"]] = groups.get(record["group"], True) and record["correct"]
+    return _rate(sum(groups.values()), len(groups)), len(groups)
+
+
+def summarize(records: list[dict[str, Any]], judge_ran: bool = False) -> dict[str, Any]:
+    """A unit's scores from its per-sample records (the fields ``evaluate_unit`` writes).
+
+    Rates divide by all records; ``judgedAccuracy`` divides by the records the judge gave
+    a verdict on (``judgeFailures`` counts the others); ``reasoningLengthMean`` is the
+    mean completion length in tokens of the final attempts that ran.
+    """
+    n = len(records)
+    ran = [r for r in records if r.get("error") is None]
+    out = _scores(records)
+    out.update({
+        "correct": sum(r["correct"] for r in records),
+        "formatFailureRate": _rate(sum(not r["format_ok"] for r in records), n),
+        "unansweredRate": _rate(sum(r["extracted"] is None for r in records), n),
+        "reasoningLengthMean": round(sum(r["tokens"] for r in ran) / len(ran), 1) if ran else None,
+        "truncatedRate": _rate(sum(bool(r.get("truncated")) for r in records), n),
+        "retries": sum(r["attempts"] - 1 for r in records if r["attempts"] > 0),
+        "retriedSamples": sum(r["attempts"] > 1 for r in records),
+        "promptsTooLong": sum(r.get("error") == "prompt_too_long" for r in records),
+        "verifierTimeouts": sum(bool(r.get("timed_out")) for r in records),
+    })
+    if judge_ran:
+        out["judgeFailures"] = sum(r.get("judged") is None for r in records)
+    worst, groups = _worst_case(records)
+    if groups:
+        out["worstCaseAccuracy"], out["questions"] = worst, groups
+    out["categories"] = _category_scores(records)
+    return out
