@@ -3,6 +3,7 @@
     visionr1 validate FILE...   check manifests; one line per problem, naming the field
     visionr1 crd                print the CustomResourceDefinition
     visionr1 plan FILE          the ordered stages with resources, images and artifact URIs
+    visionr1 eval --model M --benchmark NAME=FORMAT:SOURCE   score checkpoints on benchmarks
 
 Exit status: 0 success, 1 invalid input, 2 bad usage. Never a traceback for bad input.
 """
@@ -134,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     from . import cli_local
 
     cli_local.register(sub)
+
+    from . import cli_eval
+
+    cli_eval.register(sub)
     return parser
 
 
