@@ -137,7 +137,7 @@ def test_mathverse_rows_versions_and_scoring(tmp_path):
          "query_cot": "According to the question shown in the image, please first conduct reasoning.",
          "question_for_eval": question},
         {"sample_index": "3", "problem_index": "2", "problem_version": "Text Only", "answer": "2\\sqrt{3}",
-         "question": "Find the length of AB.", "image": None, "question_type": "free-form",
+         "question": "Find the length of AB.", "image": {"bytes": None, "path": None}, "question_type": "free-form",
          "metadata": {"split": "testmini", "source": "x", "subject": "Functions", "subfield": "Length"},
          "query_wo": "q", "query_cot": "Please reason.\nQuestion: Find the length of AB.",
          "question_for_eval": "Find the length of AB."},
@@ -318,3 +318,35 @@ def test_units_names_metrics_and_compact_summary(tmp_path):
     big = compact_summary(many, {u.name: summary for u in many}, "file:///out/results")
     assert len(json.dumps(big, separators=(",", ":"))) <= 3584
     assert "benchmarks" not in big or isinstance(big["benchmarks"]["bench-0"]["label-0"], list)
+
+
+def test_hub_parquet_layout_from_s3(tmp_path, monkeypatch):
+    """MathVista as the hub ships it (parquet, images inline as bytes), read from an s3:// prefix."""
+    moto = pytest.importorskip("moto")
+    import io
+
+    import boto3
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(buffer, format="PNG")
+    rows = [{**row, "decoded_image": {"bytes": buffer.getvalue(), "path": f"{row['pid']}.png"},
+             "image": f"images/{row['pid']}.jpg"} for row in mathvista_rows(tmp_path)[:3]]
+    for row in rows:  # one type per column, as in the hub's parquet
+        row["precision"] = float(row["precision"]) if row["precision"] is not None else None
+    parquet = write_rows(rows, tmp_path / "hub" / "testmini-00000-of-00001.parquet")
+    with moto.mock_aws():
+        s3 = boto3.client("s3", region_name="us-east-1")
+        s3.create_bucket(Bucket="bench")
+        s3.upload_file(str(parquet), "bench", "mathvista/data/testmini-00000-of-00001.parquet")
+        s3.upload_file(str(parquet), "bench", "mathvista/data/test-00000-of-00001.parquet")
+        source = BenchmarkSpec.model_validate({"name": "mathvista", "format": "mathvista",
+                                               "data": {"source": "s3://bench/mathvista"}})
+        result = load_benchmark(source, cache_dir=tmp_path / "cache")
+    items = by_id(result.items)
+    assert sorted(items) == ["1", "2", "3"] and not result.skipped  # testmini only
+    assert items["1"].answer == "B" and items["1"].categories["skill"] == ["GEO", "ALG"]
+    assert items["3"].precision == 1
+    assert items["2"].load_images()[0].getpixel((0, 0)) == (0, 0, 255)  # the inline bytes, not images/2.jpg

@@ -144,7 +144,7 @@ class RowContext:
         for key in keys:
             value = row.get(key)
             values = list(value) if isinstance(value, (list, tuple)) else [value]
-            values = [v for v in values if v is not None and v != ""]
+            values = [v for v in values if not _empty_image(v)]
             if values:
                 return [self._one(v) for v in values]
         if required:
@@ -165,6 +165,13 @@ class RowContext:
             _check_readable(path)
             return path
         raise SkipRow("missing_image", f"no image at {value!r}")
+
+
+def _empty_image(value: Any) -> bool:
+    """No image: null, empty text, or the hub's Image struct with neither bytes nor path."""
+    if isinstance(value, dict):
+        return not value.get("bytes") and not value.get("path")
+    return value is None or value == ""
 
 
 def _check_readable(path: str) -> None:

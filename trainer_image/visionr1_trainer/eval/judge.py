@@ -15,6 +15,7 @@ sample unjudged (``judged: null``), counted in ``judgeFailures``.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from typing import Any, Sequence
@@ -25,6 +26,8 @@ from ..config import GeneratorSpec, JudgeSpec
 from .benchmarks import EvalItem
 
 __all__ = ["JUDGE_API_KEY_ENV", "Judge", "judge_prompt", "parse_verdict"]
+
+log = logging.getLogger(__name__)
 
 JUDGE_API_KEY_ENV = "VISIONR1_JUDGE_API_KEY"
 JUDGE_CONCURRENCY = 8
@@ -83,6 +86,8 @@ class Judge:
     def __init__(self, spec: JudgeSpec, concurrency: int = JUDGE_CONCURRENCY,
                  timeout_s: float = JUDGE_TIMEOUT_S, max_retries: int = JUDGE_MAX_RETRIES):
         self.spec = spec
+        if spec.api_key_secret is not None and not os.environ.get(JUDGE_API_KEY_ENV):
+            log.warning("judge.apiKeySecret is set but %s is empty: requests go without a key", JUDGE_API_KEY_ENV)
         # model_construct: the judge's model name is whatever the endpoint serves (it need
         # not look like a hub id, which GeneratorSpec.model checks for).
         self.client = _JudgeClient(GeneratorSpec.model_construct(

@@ -149,8 +149,12 @@ class HFSampler:
         return out
 
     def close(self) -> None:
-        self.model = None
+        import torch
+
+        self.model = None  # the next label's model loads after this one is freed
         gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 # --- vllm ------------------------------------------------------------------------------------
