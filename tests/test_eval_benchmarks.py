@@ -47,7 +47,8 @@ def mathvista_rows(d: Path) -> list[dict]:
         {"pid": "1", "question": "Find the measure of angle X.", "image": png(d, "1.png"), "decoded_image": None,
          "choices": ["145°", "165°", "155°", "175°"], "unit": None, "precision": None, "answer": "165°",
          "question_type": "multi_choice", "answer_type": "text",
-         "metadata": {**meta, "task": "geometry problem solving", "skills": ["geometry reasoning", "algebraic reasoning"]},
+         "metadata": {**meta, "task": "geometry problem solving",
+                      "skills": ["geometry reasoning", "algebraic reasoning"]},
          "query": "Hint: Please answer the question and provide the correct option letter, e.g., A, B, C, D, at the "
                   "end.\nQuestion: Find the measure of angle X.\nChoices:\n(A) 145°\n(B) 165°\n(C) 155°\n(D) 175°"},
         {"pid": "2", "question": "How many bars are there?", "image": png(d, "2.png"), "decoded_image": None,
@@ -179,10 +180,11 @@ def test_mmmath_rows(tmp_path):
 
 def test_dynamath_rows_tolerance_and_worst_case(tmp_path):
     mc_question = "Which function is shown?\nChoices:\n(A) sin x\n(B) cos x\n(C) tan x"
+    circle = "What is the area of the circle?"
     rows = [
-        {"id": "1", "qid": "1", "varid": "1", "question": "What is the area of the circle?", "image": png(tmp_path, "d1.png"),
+        {"id": "1", "qid": "1", "varid": "1", "question": circle, "image": png(tmp_path, "d1.png"),
          "ground_truth": "3.142", "answer_type": "float", "subject": "PG", "knowledge_level": "high school"},
-        {"id": "1", "qid": "1", "varid": "2", "question": "What is the area of the circle?", "image": png(tmp_path, "d2.png"),
+        {"id": "1", "qid": "1", "varid": "2", "question": circle, "image": png(tmp_path, "d2.png"),
          "ground_truth": "12.566", "answer_type": "float", "subject": "PG", "knowledge_level": "high school"},
         {"id": "2", "qid": "2", "varid": "1", "question": mc_question, "image": png(tmp_path, "d3.png"),
          "ground_truth": "B", "answer_type": "multiple choice", "subject": "AL", "knowledge_level": "undergraduate"},
@@ -290,7 +292,8 @@ def test_units_names_metrics_and_compact_summary(tmp_path):
 
     def config(models, benchmarks=("mathvista", "dynamath")):
         return EvalStageConfig.model_validate({
-            "run": "r", "stage": "eval", "outputUri": f"file://{tmp_path}/out", "storage": {"uri": f"file://{tmp_path}"},
+            "run": "r", "stage": "eval", "outputUri": f"file://{tmp_path}/out",
+            "storage": {"uri": f"file://{tmp_path}"},
             "model": {"name": "org/model"}, "models": models,
             "benchmarks": [{"name": b, "format": "mathvista", "data": {"source": "/x"}} for b in benchmarks],
             "eval": {}}, by_name=False)

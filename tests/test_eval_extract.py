@@ -118,8 +118,8 @@ def test_linear_time_on_hostile_completions():
 
 
 def test_parse_inline_choices():
-    assert parse_inline_choices("What color?\nChoices: (A) red (B) green (C) blue (D) yellow\nAnswer with the letter.") \
-        == ["red", "green", "blue", "yellow"]
+    inline = "What color?\nChoices: (A) red (B) green (C) blue (D) yellow\nAnswer with the letter."
+    assert parse_inline_choices(inline) == ["red", "green", "blue", "yellow"]
     assert parse_inline_choices("angle CED is ()\nChoices:\nA:40°\nB:60°\nC:120°\nD:140°") \
         == ["40°", "60°", "120°", "140°"]
     assert parse_inline_choices("Hint: give the letter.\nQuestion: x?\nChoices:\n(A) 1\n(B) 2") == ["1", "2"]

@@ -185,7 +185,8 @@ def test_stage_reports_judged_beside_rule_scores(tmp_path, api, monkeypatch):
     assert unit["accuracy"] == 1.0 and unit["n"] == len(truths) == 6  # rules: all right
     assert unit["judgeFailures"] == 1 and unit["judgedAccuracy"] == round(4 / 5, 4)  # 1 unjudged, 1 judged wrong
     assert summary["benchmarks"]["count"]["sft"] == {"accuracy": 1.0, "judgedAccuracy": 0.8, "n": 6}
-    records = [json.loads(l) for l in (tmp_path / "out" / "results" / "records-count-sft.jsonl").read_text().splitlines()]
+    lines = (tmp_path / "out" / "results" / "records-count-sft.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
     assert [r["judged"] for r in records] == [None, False, True, True, True, True]
     full = json.loads((tmp_path / "out" / "results" / "summary.json").read_text())
     assert full["judge"]["model"] == "gpt-4o-mini" and KEY not in json.dumps(full)

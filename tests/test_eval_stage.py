@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,7 +48,8 @@ def chain_model(source: Path, target: Path, words: list[str]) -> Path:
         for name, param in model.named_parameters():
             if "visual" not in name and name.endswith(("o_proj.weight", "mlp.down_proj.weight")):
                 param.zero_()  # the residual stream is the current token's embedding
-        basis, _ = torch.linalg.qr(torch.randn(text.shape[1], text.shape[1], generator=torch.Generator().manual_seed(0)))
+        width = text.shape[1]
+        basis, _ = torch.linalg.qr(torch.randn(width, width, generator=torch.Generator().manual_seed(0)))
         head = torch.zeros_like(text)
         for i, (token, following) in enumerate(zip(sequence, sequence[1:])):
             text[token] = basis[i] * 3
@@ -258,4 +258,5 @@ def test_cli_reports_a_failed_stage(tmp_path, assets):
     done = visionr1("eval", "--model", str(assets["three"]), "--benchmark", f"syn=synthetic:{empty}",
                     "--backend", "hf", "--dtype", "float32", "--output", str(tmp_path / "o"), cwd=tmp_path)
     assert done.returncode == 1
-    assert "error: eval failed (exit status 1): DataSourceError" in done.stderr and "no parquet, jsonl or json" in done.stderr
+    assert "error: eval failed (exit status 1): DataSourceError" in done.stderr
+    assert "no parquet, jsonl or json" in done.stderr
