@@ -276,7 +276,8 @@ def commit_results(config: EvalStageConfig, ckpt: CheckpointManager, units: list
     }
 
     def write(directory: Path) -> None:
-        (directory / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
+        # Not key-sorted: benchmarks and models stay in the order the config gives them.
+        (directory / "summary.json").write_text(json.dumps(summary, indent=1))
         for unit in units:
             (directory / unit.records_file).write_bytes(ckpt.store.open_file(unit.artifact, "records.jsonl"))
 
