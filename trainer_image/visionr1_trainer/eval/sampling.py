@@ -2,8 +2,8 @@
 
 Both take ``EvalItem``s and return one ``Sample`` per item, in order, with the paper's
 evaluation settings by default (temperature 0.6, top_p 0.95, 16000 new tokens). The
-prompt is the benchmark's own, followed by the output-format instruction the recipe
-trains (``FORMAT_INSTRUCTION``), in the chat template of the model's tokenizer.
+prompt is the benchmark's own, in the chat template of the model's tokenizer, presented
+as the SFT and GRPO stages present their questions.
 
 * ``hf``: the GRPO stage's shared-prefix sampler (``grpo.sampler.generate_groups``) with
   one sample per prompt, ``HF_BATCH_SIZE`` prompts at a time.
@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
-from ..models.vlm import FORMAT_INSTRUCTION, IMAGE_TOKEN, encode_prompts
+from ..models.vlm import IMAGE_TOKEN, encode_prompts
 from ..runtime import StageStopped, stop_requested
 from .benchmarks import EvalItem
 
@@ -65,8 +65,15 @@ class Sampler(Protocol):
 
 
 def prompt_text(item: EvalItem) -> str:
-    """What the model is asked: the benchmark's prompt, then the recipe's format instruction."""
-    return f"{item.question}\n{FORMAT_INSTRUCTION}"
+    """What the model is asked: the benchmark's prompt, as is.
+
+    The SFT and GRPO stages present questions the same way (``models.vlm.user_message``,
+    no added instruction; the cold-start data teaches the format), so a trained model is
+    scored on the prompts it was trained on. A model that does not answer in the format
+    is still scored through ``extract_answer``'s fallbacks, and counted in the
+    format-failure rate.
+    """
+    return item.question
 
 
 def needs_retry(sample: Sample) -> bool:

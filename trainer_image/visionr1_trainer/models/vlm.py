@@ -41,11 +41,6 @@ QWEN_VL_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-# The instruction Vision-R1 gives for its output format (HFRRF checks it).
-FORMAT_INSTRUCTION = (
-    "Think step by step inside <think></think>, then give the final answer inside "
-    "<answer></answer> as 'Final Answer: X'."
-)
 
 
 def user_message(question: str, num_images: int) -> dict[str, Any]:
