@@ -1,0 +1,213 @@
+"""How every config model behaves: camelCase on the wire, unknown fields rejected, CEL
+rules beside pydantic validators, and errors that name the field at fault.
+
+``config.py`` (the stage configs) and ``visionr1_operator.api`` (the VisionR1Run) build
+on these. Pydantic only: importable without torch.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    GetJsonSchemaHandler,
+    ValidationError,
+    WithJsonSchema,
+)
+from pydantic.alias_generators import to_camel
+
+# --- shared building blocks -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CelRule:
+    """A cross-field rule the API server enforces (CRD ``x-kubernetes-validations``).
+
+    Each one mirrors a pydantic validator on the same model, so ``kubectl apply`` and
+    ``visionr1 validate`` reject the same manifests.
+    """
+
+    rule: str
+    message: str
+    field_path: str | None = None
+
+    def to_schema(self) -> dict[str, str]:
+        out = {"rule": self.rule, "message": self.message}
+        if self.field_path:
+            out["fieldPath"] = self.field_path
+        return out
+
+
+# Keyword arguments for validating a document from outside (a manifest, a stage
+# config file): camelCase only, as the API server would accept it.
+WIRE = {"by_alias": True, "by_name": False}
+
+
+class Schema(BaseModel):
+    """Base of every config model: camelCase aliases, unknown fields rejected."""
+
+    # CEL rules of this model, emitted into its JSON schema (and so the CRD).
+    cel_rules: ClassVar[tuple[CelRule, ...]] = ()
+
+    model_config = ConfigDict(
+        extra="forbid",
+        alias_generator=to_camel,
+        validate_by_alias=True,
+        # Python code may build models by field name; documents (manifests, stage
+        # configs) are validated with by_name=False (see WIRE) so that they use the
+        # camelCase names the CRD documents, and nothing else.
+        validate_by_name=True,
+        serialize_by_alias=True,
+        validate_default=True,
+    )
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema, handler: GetJsonSchemaHandler):
+        json_schema = handler(core_schema)
+        rules = [r for klass in reversed(cls.__mro__) for r in vars(klass).get("cel_rules", ())]
+        if rules:
+            target = handler.resolve_ref_schema(json_schema)
+            target["x-kubernetes-validations"] = [r.to_schema() for r in rules]
+        return json_schema
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The wire form: camelCase keys, JSON types, defaults included."""
+        return self.model_dump(mode="json", by_alias=True)
+
+
+# A Kubernetes object name (RFC 1123 subdomain), used for Secrets, PVCs, classes.
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+# A Kubernetes label-value-safe name (RFC 1123 label): stage names, benchmark names.
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# Where artifacts may live: S3 (or an S3-compatible store), a mounted PVC, or a
+# local directory (local runs only).
+STORAGE_URI = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|file://.+)$"
+# A model or data source: a hub id (org/name), or one of the storage URIs above.
+HUB_ID = r"[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?"
+SOURCE = rf"^({HUB_ID}|s3://\S+|pvc://\S+|file://\S+|/\S*)$"
+HTTP_URL = r"^https?://[^\s/]+(/\S*)?$"
+
+_QUANTITY_RE = re.compile(
+    r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)"
+    r"(Ki|Mi|Gi|Ti|Pi|Ei|m|k|M|G|T|P|E|[eE][+-]?[0-9]+)?$"
+)
+# The same rule as a JSON-schema pattern, for the CRD.
+QUANTITY_PATTERN = _QUANTITY_RE.pattern
+
+
+def _quantity(value: Any) -> str:
+    """Accept a Kubernetes resource quantity (``"16Gi"``, ``"500m"``, ``8``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"expected a Kubernetes quantity such as '16Gi' or '500m', got {value!r}")
+    if isinstance(value, float) and not value.is_integer():
+        # The CRD types quantities as int-or-string, so the API server rejects 0.5.
+        raise ValueError(f"write a fractional quantity as a string ('{value}' or '500m'), got {value!r}")
+    text = str(value)
+    if not _QUANTITY_RE.match(text):
+        raise ValueError(
+            f"{text!r} is not a Kubernetes quantity (examples: '64Gi', '500m', '8', '1.5')"
+        )
+    return text
+
+
+Quantity = Annotated[
+    str,
+    BeforeValidator(_quantity),
+    # In the CRD: the structural form of Kubernetes' int-or-string quantities.
+    WithJsonSchema({
+        "x-kubernetes-int-or-string": True,
+        "anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": QUANTITY_PATTERN}],
+    }),
+]
+
+
+# How API keys and tokens start (OpenAI, Hugging Face, AWS, GitHub).
+SECRET_PREFIX = r"^(sk-|hf_|AKIA|ghp_)"
+
+
+def _no_secret_literal(value: str) -> str:
+    # Secret values never belong in a spec: it lands in etcd, in kubectl get -o yaml,
+    # in GitOps repos. Catch the common mistake of pasting a key instead of a name.
+    if re.match(SECRET_PREFIX, value):
+        raise ValueError("looks like a secret value; give the name of a Secret that holds it")
+    return value
+
+
+# --- error reporting ------------------------------------------------------------------
+
+
+class FieldProblems(ValueError):
+    """Raised by model validators to report problems at sub-paths of the model.
+
+    Pydantic puts a model validator's error at the model's own location; carrying the
+    sub-paths lets ``format_errors`` name the exact field
+    (``spec.stages.ptst[1].numGenerations``), as a user of kubectl expects.
+    """
+
+    def __init__(self, problems: list[tuple[str | tuple, str]]):
+        self.problems = [(_as_loc(p), m) for p, m in problems]
+        super().__init__("; ".join(f"{_loc_str(p)}: {m}" for p, m in self.problems))
+
+
+def raise_problems(problems: list[tuple[str | tuple, str]]) -> None:
+    if problems:
+        raise FieldProblems(problems)
+
+
+def _as_loc(path: str | tuple) -> tuple:
+    if isinstance(path, tuple):
+        return path
+    loc: list[str | int] = []
+    for part in path.split("."):
+        name, *indexes = part.split("[")
+        if name:
+            loc.append(name)
+        loc.extend(int(i.rstrip("]")) for i in indexes)
+    return tuple(loc)
+
+
+def _loc_str(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _error_message(err: dict) -> str:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return "unknown field (not in the VisionR1Run schema)"
+    if kind == "missing":
+        return "required field is missing"
+    if kind in ("literal_error", "enum"):
+        return f"{err['msg'].replace('Input should be', 'must be')}, got {err.get('input')!r}"
+    msg = err["msg"]
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            msg = msg[len(prefix):]
+    if "input" in err and kind not in ("value_error",) and not isinstance(err["input"], (dict, list)):
+        msg = f"{msg} (got {err['input']!r})"
+    return msg
+
+
+def format_errors(exc: ValidationError, strip: tuple = ()) -> list[tuple[str, str]]:
+    """Turn a pydantic ValidationError into (field path, message) pairs, one per problem."""
+    out: list[tuple[str, str]] = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        if loc[: len(strip)] == strip:
+            loc = loc[len(strip):]
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, FieldProblems):
+            out.extend((_loc_str(loc + sub), msg) for sub, msg in cause.problems)
+        else:
+            out.append((_loc_str(loc) or "<root>", _error_message(err)))
+    return out
