@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
@@ -186,14 +187,28 @@ def make_sft_engine(model, config: SFTStageConfig, env: DistEnv):
 # --- the stage --------------------------------------------------------------------------------
 
 
-def train_stage(config: SFTStageConfig, env: DistEnv, work: Path, metrics: StageMetrics) -> dict[str, Any]:
+@dataclass
+class SFTRun:
+    """Everything the training loop needs, built once per stage by ``prepare``."""
+
+    config: SFTStageConfig
+    env: DistEnv
+    ckpt: CheckpointManager
+    engine: Any
+    tokenizer: Any
+    image_processor: Any
+    data: TrainingData
+    plan: StepPlan
+    start: int  # the first step to run (the checkpoint's step when resuming)
+    found: tuple[str, Path] | None  # the checkpoint resumed from
+    info: dict[str, Any]  # samples and skipped rows, for the summary
+
+
+def prepare(config: SFTStageConfig, env: DistEnv, work: Path, ckpt: CheckpointManager) -> SFTRun:
+    """Model (from the newest checkpoint when resuming), data, step plan and engine."""
     from ..data.formats import read_cold
 
     sft = config.sft
-    ckpt = CheckpointManager(config.output_uri, config.storage, work)
-    if ckpt.store.is_committed(MODEL) and ckpt.store.get_json("summary.json", None):
-        log.info("%s/%s is already committed; nothing to do", ckpt.store.uri, MODEL)
-        return ckpt.store.get_json("summary.json")
     torch.manual_seed(sft.seed)
     found = ckpt.restore_dir()  # resume: the weights load before the engine takes the model
     source, model, tokenizer, image_processor = load_model(config, env, work, found[1] / "model" if found else None)
@@ -208,29 +223,51 @@ def train_stage(config: SFTStageConfig, env: DistEnv, work: Path, metrics: Stage
     start = load_trainer_state(found[1], engine.checkpointable_optimizer)[0] if found else 0
     if found is None and not hasattr(engine, "engine"):
         broadcast_parameters(engine.module, env)  # every rank starts from rank 0's weights
-    restore_metrics_log(found, metrics, start)
-    metrics.set(total_steps=plan.total_steps)
-    metrics.event("start", step=start, model=source, samples=len(data.samples), sequences=len(data.groups),
-                  skipped=skipped, resumed=found is not None, attempt=config.attempt)
     log.info("SFT of %s on %d samples (%d sequences): steps %d..%d, %d per epoch", source,
              len(data.samples), len(data.groups), start, plan.total_steps, plan.steps_per_epoch)
-    dataset = StepBatches(data, image_processor, sft.per_device_batch_size, sft.seed, env,
-                          tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
-    batches = step_loader(dataset, plan, sft.gradient_accumulation_steps, start, env.device)
+    return SFTRun(config, env, ckpt, engine, tokenizer, image_processor, data, plan, start, found,
+                  {"samples": len(data.samples), "skipped": skipped, "model": source})
+
+
+def train_stage(config: SFTStageConfig, env: DistEnv, work: Path, metrics: StageMetrics) -> dict[str, Any]:
+    ckpt = CheckpointManager(config.output_uri, config.storage, work)
+    if ckpt.store.is_committed(MODEL) and ckpt.store.get_json("summary.json", None):
+        log.info("%s/%s is already committed; nothing to do", ckpt.store.uri, MODEL)
+        return ckpt.store.get_json("summary.json")
+    run = prepare(config, env, work, ckpt)
+    restore_metrics_log(run.found, metrics, run.start)
+    metrics.set(total_steps=run.plan.total_steps)
+    metrics.event("start", step=run.start, sequences=len(run.data.groups), resumed=run.found is not None,
+                  attempt=config.attempt, **run.info)
+    history = train_loop(run, metrics)
+    save_checkpoint(run.engine, ckpt, metrics, env, run.plan.total_steps)
+    weights = run.engine.full_state_dict()  # a collective under ZeRO-3: every rank takes part
+    uri = None
+    if env.is_main:
+        uri = ckpt.commit_model(run.engine.module, run.tokenizer, run.image_processor,
+                                {"stage": config.stage, "step": run.plan.total_steps}, state_dict=weights)
+    barrier(env)
+    summary = stage_summary(history, run.plan.total_steps, run.plan, uri, run.info)
+    if env.is_main:
+        ckpt.store.put_json("summary.json", summary)
+    return summary
+
+
+def train_loop(run: SFTRun, metrics: StageMetrics) -> list[dict[str, float]]:
+    """Steps ``run.start`` .. end: a checkpoint every ``saveEverySteps``, and on a stop request."""
+    sft, plan, env = run.config.sft, run.plan, run.env
+    dataset = StepBatches(run.data, run.image_processor, sft.per_device_batch_size, sft.seed, env,
+                          run.tokenizer.pad_token_id, run.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    batches = step_loader(dataset, plan, sft.gradient_accumulation_steps, run.start, env.device)
     history: list[dict[str, float]] = []
-    info = {"samples": len(data.samples), "skipped": skipped}
-
-    def save(step: int) -> None:
-        save_checkpoint(engine, ckpt, metrics, env, step)
-
-    for step in range(start, plan.total_steps):
+    for step in range(run.start, plan.total_steps):
         if stop_requested():
-            save(step)
-            raise StageStopped(stage_summary(history, step, plan, None, info))
+            save_checkpoint(run.engine, run.ckpt, metrics, env, step)
+            raise StageStopped(stage_summary(history, step, plan, None, run.info))
         started = time.monotonic()
         micro = [next(batches) for _ in micro_batches_of_step(step, plan, sft.gradient_accumulation_steps)]
         lr = sft.learning_rate * lr_multiplier(step, plan.total_steps, plan.warmup_steps, sft.lr_scheduler)
-        stats = train_step(engine, micro, env, lr)
+        stats = train_step(run.engine, micro, env, lr)
         stats["tokens_per_second"] = stats["tokens"] / max(time.monotonic() - started, 1e-9)
         stats["epoch"] = (step + 1) / plan.steps_per_epoch
         history.append(stats)
@@ -239,18 +276,8 @@ def train_stage(config: SFTStageConfig, env: DistEnv, work: Path, metrics: Stage
             log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s", step + 1, plan.total_steps, stats["loss"],
                      lr, stats["tokens_per_second"])
         if (step + 1) % sft.save_every_steps == 0 and step + 1 < plan.total_steps:
-            save(step + 1)
-    save(plan.total_steps)
-    weights = engine.full_state_dict()  # a collective under ZeRO-3: every rank takes part
-    uri = None
-    if env.is_main:
-        uri = ckpt.commit_model(engine.module, tokenizer, image_processor,
-                                {"stage": config.stage, "step": plan.total_steps}, state_dict=weights)
-    barrier(env)
-    summary = stage_summary(history, plan.total_steps, plan, uri, info)
-    if env.is_main:
-        ckpt.store.put_json("summary.json", summary)
-    return summary
+            save_checkpoint(run.engine, run.ckpt, metrics, env, step + 1)
+    return history
 
 
 def save_checkpoint(engine, ckpt: CheckpointManager, metrics: StageMetrics, env: DistEnv, step: int) -> None:
