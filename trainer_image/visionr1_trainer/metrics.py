@@ -19,6 +19,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 PREFIX = "visionr1_"
+METRICS_LOG = "metrics.jsonl"  # the log's name in a stage's work dir and in its checkpoints
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
@@ -80,6 +81,43 @@ class StageMetrics:
     def _write(self, record: dict[str, Any]) -> None:
         if self._file is not None:
             self._file.write(json.dumps(record, default=str) + "\n")
+
+    def rewind(self, step: int, saved: Path | None = None) -> None:
+        """After a resume at ``step``, make the log hold each step up to it exactly once.
+
+        ``saved`` is the log committed with the checkpoint resumed from: a fresh pod
+        starts with an empty work dir and gets its log back from there. A local re-run
+        still has its own log, possibly with steps after the checkpoint (they run again)
+        or, at step 0, steps of an attempt that never committed: those lines go.
+        """
+        path = self.jsonl_path
+        if path is None:
+            return
+        if saved is not None and saved.exists():
+            lines = saved.read_text().splitlines()
+        elif path.exists() and step:
+            lines = path.read_text().splitlines()
+        else:
+            lines = []
+        kept = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # torn by a kill
+            if record.get("type") != "step" or record.get("step", 0) <= step:
+                kept.append(line)
+        reopen = self._file is not None
+        self.close_log()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(f"{line}\n" for line in kept))
+        if reopen:
+            self._file = path.open("a", buffering=1)
+
+    def close_log(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
     def close(self) -> None:
         if self._file is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -77,6 +78,20 @@ def write_termination_message(path: str | Path, summary: dict[str, Any]) -> bool
     except OSError as exc:
         logging.getLogger("visionr1").warning("cannot write the termination message to %s: %s", path, exc)
         return False
+
+
+def work_dir(config) -> Path:
+    """A stage's scratch space: VISIONR1_WORK_DIR, else ``_work`` beside a local output, else /tmp.
+
+    ``config`` is any stage config (``run``, ``stage``, ``output_uri``). Locally the work
+    dir (metrics log included) sits beside the stage's artifacts, where the executor and
+    ``visionr1 report`` read it; in a pod it is the pod's own disk.
+    """
+    if os.environ.get("VISIONR1_WORK_DIR"):
+        return Path(os.environ["VISIONR1_WORK_DIR"])
+    if config.output_uri.startswith("file://"):
+        return Path(config.output_uri[len("file://"):]) / "_work"
+    return Path("/tmp/visionr1") / config.run / config.stage
 
 
 def setup_logging(stage: str) -> None:

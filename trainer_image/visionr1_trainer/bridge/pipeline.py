@@ -27,7 +27,6 @@ import collections
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -36,8 +35,8 @@ from typing import Any, Sequence
 from ..checkpoint import open_stage_store
 from ..config import BridgeStageConfig
 from ..data.formats import BridgeExample, cold_row, read_bridge_source, write_rows
-from ..metrics import StageMetrics
-from ..runtime import StageStopped, stop_requested
+from ..metrics import METRICS_LOG, StageMetrics
+from ..runtime import StageStopped, stop_requested, work_dir
 from . import prompts
 from .backends import Completion, GeneratorContext, Request, make_generator
 from .filters import DROP_REASONS, build_sample, filter_reason, parse_reasoning
@@ -47,7 +46,6 @@ log = logging.getLogger("visionr1.bridge")
 
 DATASET = "dataset"
 PLAN_KEY = "shards/plan.json"
-METRICS_LOG = "metrics.jsonl"
 ROWS = "rows.jsonl"
 
 
@@ -59,17 +57,8 @@ def reason_name(shard: int) -> str:
     return f"shards/reason-{shard:05d}"
 
 
-def work_dir_for(config: BridgeStageConfig) -> Path:
-    """Scratch space: VISIONR1_WORK_DIR, else beside a local output, else /tmp."""
-    if os.environ.get("VISIONR1_WORK_DIR"):
-        return Path(os.environ["VISIONR1_WORK_DIR"])
-    if config.output_uri.startswith("file://"):
-        return Path(config.output_uri[len("file://"):]) / "_work"
-    return Path("/tmp/visionr1") / config.run / config.stage
-
-
 def run(config: BridgeStageConfig) -> dict[str, Any]:
-    work = work_dir_for(config)
+    work = work_dir(config)
     work.mkdir(parents=True, exist_ok=True)
     metrics = StageMetrics(config.run, config.stage, config.metrics_port, work / METRICS_LOG)
     try:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -38,8 +37,8 @@ from typing import Any
 
 from ..checkpoint import CheckpointManager, resolve_model_dir
 from ..config import BenchmarkSpec, EvalSettings, EvalStageConfig
-from ..metrics import StageMetrics
-from ..runtime import TERMINATION_MESSAGE_LIMIT, StageStopped, stop_requested
+from ..metrics import METRICS_LOG, StageMetrics
+from ..runtime import TERMINATION_MESSAGE_LIMIT, StageStopped, stop_requested, work_dir
 from .benchmarks import EvalItem, load_benchmark
 from .judge import Judge
 from .sampling import Sampler, SamplingSettings, make_sampler, prompt_text, sample_with_retries
@@ -49,7 +48,6 @@ log = logging.getLogger("visionr1.eval")
 
 RESULTS = "results"
 UNITS = "units"
-METRICS_LOG = "metrics.jsonl"
 BASE = "base"  # the label value that means the run's own model (spec.model)
 # A model label names files, artifacts and metric series.
 LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -100,17 +98,8 @@ def plan_units(config: EvalStageConfig) -> list[Unit]:
     return units
 
 
-def work_dir_for(config: EvalStageConfig) -> Path:
-    """Scratch space: VISIONR1_WORK_DIR, else beside a local output, else /tmp."""
-    if os.environ.get("VISIONR1_WORK_DIR"):
-        return Path(os.environ["VISIONR1_WORK_DIR"])
-    if config.output_uri.startswith("file://"):
-        return Path(config.output_uri[len("file://"):]) / "_work"
-    return Path("/tmp/visionr1") / config.run / config.stage
-
-
 def run(config: EvalStageConfig) -> dict[str, Any]:
-    work = work_dir_for(config)
+    work = work_dir(config)
     work.mkdir(parents=True, exist_ok=True)
     with StageMetrics(config.run, config.stage, config.metrics_port, work / METRICS_LOG) as metrics:
         return evaluate(config, work, metrics)

@@ -14,10 +14,8 @@ RNG restored), and commits its final model as the artifact ``model``.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,10 +35,10 @@ from ..distributed import (
     shutdown,
     verify_replicas_identical,
 )
-from ..metrics import StageMetrics
+from ..metrics import METRICS_LOG, StageMetrics
 from ..models.loading import load_vlm
 from ..models.vlm import IMAGE_TOKEN, encode_prompts
-from ..runtime import StageStopped, stop_requested
+from ..runtime import StageStopped, stop_requested, work_dir
 from .algos import group_advantages, masked_mean, policy_loss
 from .batch import aggregation_weight, build_policy_batch, micro_batches, sequence_logprobs
 from .engine import make_engine
@@ -48,7 +46,6 @@ from .reward import batch_rewards
 from .rollout import RolloutBackend, SamplingSettings, make_rollout
 
 log = logging.getLogger("visionr1.grpo")
-METRICS_LOG = "metrics.jsonl"
 
 
 @dataclass
@@ -92,7 +89,7 @@ def rank_share(indices: list[int], env: DistEnv) -> list[int]:
 
 def grpo_step(state: GRPOState, step: int) -> dict[str, float]:
     """Roll out, score, and update once. Returns this step's metrics (mean over ranks)."""
-    cfg, grpo, ptst = state.config, state.config.grpo, state.config.ptst
+    grpo, ptst = state.config.grpo, state.config.ptst
     group = ptst.num_generations
     started = time.perf_counter()
 
@@ -217,15 +214,6 @@ def decode_completions(tokenizer, completion_ids: torch.Tensor, mask: torch.Tens
 # --- the stage ------------------------------------------------------------------------------
 
 
-def work_dir_for(config: GRPOStageConfig) -> Path:
-    """Scratch space: VISIONR1_WORK_DIR, else beside a local output, else /tmp."""
-    if os.environ.get("VISIONR1_WORK_DIR"):
-        return Path(os.environ["VISIONR1_WORK_DIR"])
-    if config.output_uri.startswith("file://"):
-        return Path(config.output_uri[len("file://"):]) / "_work"
-    return Path("/tmp/visionr1") / config.run / config.stage
-
-
 def load_models(config: GRPOStageConfig, env: DistEnv, work: Path, weights_dir: Path | None = None):
     """The policy (from ``weights_dir``, a checkpoint, else the stage's starting model) and a
     frozen copy of the starting model as the KL reference.
@@ -247,7 +235,7 @@ def load_models(config: GRPOStageConfig, env: DistEnv, work: Path, weights_dir: 
 
 def run(config: GRPOStageConfig) -> dict[str, Any]:
     env = init_distributed()
-    work = work_dir_for(config)
+    work = work_dir(config)
     work.mkdir(parents=True, exist_ok=True)
     metrics = StageMetrics(config.run, config.stage, config.metrics_port if env.is_main else 0,
                            work / METRICS_LOG if env.is_main else None)
@@ -276,7 +264,7 @@ def train_stage(config: GRPOStageConfig, env: DistEnv, work: Path, metrics: Stag
     start = load_trainer_state(found[1], engine.checkpointable_optimizer)[0] if found else 0
     if found is None:
         broadcast_parameters(engine.module, env)
-    restore_metrics_log(found, metrics, start)
+    metrics.rewind(start, found[1] / METRICS_LOG if found else None)
     state = GRPOState(
         config, env, engine, reference, tokenizer, image_processor,
         make_rollout(grpo.rollout_backend, engine.module, tokenizer, env, config), data.items,
@@ -328,36 +316,6 @@ def save_checkpoint(state: GRPOState, ckpt: CheckpointManager, metrics: StageMet
                         extra_files=files, state_dict=weights)
         metrics.event("checkpoint", step=step, uri=uri)
     barrier(state.env)
-
-
-def restore_metrics_log(found: tuple[str, Path] | None, metrics: StageMetrics, step: int) -> None:
-    """After a resume, the log holds exactly the steps up to the checkpoint.
-
-    A fresh pod starts with an empty work dir: the log comes back from the checkpoint.
-    A local re-run still has its log, possibly with steps after the checkpoint that
-    will run again: those lines are dropped so every step appears once.
-    """
-    path = metrics.jsonl_path
-    if path is None:
-        return
-    saved = found[1] / METRICS_LOG if found else None
-    if saved is not None and saved.exists():
-        lines = saved.read_text().splitlines()
-    elif path.exists() and step:
-        lines = path.read_text().splitlines()
-    else:
-        lines = []
-    kept = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # torn by a kill
-        if record.get("type") != "step" or record.get("step", 0) <= step:
-            kept.append(line)
-    metrics.close()
-    path.write_text("".join(f"{line}\n" for line in kept))
-    metrics.start()
 
 
 def stage_summary(state: GRPOState, step: int, total: int, uri: str | None) -> dict[str, Any]:

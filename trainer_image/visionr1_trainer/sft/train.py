@@ -17,7 +17,6 @@ engine, ``grpo.engine``); ``torchrun`` starts one process per GPU and node.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -33,30 +32,20 @@ import torch.nn.functional as F
 from ..checkpoint import CheckpointManager, MODEL, load_trainer_state, resolve_model_dir
 from ..config import DatasetRef, SFTStageConfig
 from ..distributed import DistEnv, all_reduce_mean, barrier, broadcast_parameters, init_distributed, shutdown
-from ..metrics import StageMetrics
+from ..metrics import METRICS_LOG, StageMetrics
 from ..models.loading import load_vlm
 from ..models.vlm import IMAGE_TOKEN
-from ..runtime import StageStopped, stop_requested
+from ..runtime import StageStopped, stop_requested, work_dir
 from .data import IGNORE_INDEX, Batch, TrainingData, build_training_data, collate, epoch_micro_batches, load_group
 from .schedule import StepPlan, lr_multiplier, micro_batches_of_step, step_plan
 
 log = logging.getLogger("visionr1.sft")
-METRICS_LOG = "metrics.jsonl"
 LOAD_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-
-
-def work_dir_for(config: SFTStageConfig) -> Path:
-    """Scratch space: VISIONR1_WORK_DIR, else beside a local output, else /tmp."""
-    if os.environ.get("VISIONR1_WORK_DIR"):
-        return Path(os.environ["VISIONR1_WORK_DIR"])
-    if config.output_uri.startswith("file://"):
-        return Path(config.output_uri[len("file://"):]) / "_work"
-    return Path("/tmp/visionr1") / config.run / config.stage
 
 
 def run(config: SFTStageConfig) -> dict[str, Any]:
     env = init_distributed()
-    work = work_dir_for(config)
+    work = work_dir(config)
     work.mkdir(parents=True, exist_ok=True)
     metrics = StageMetrics(config.run, config.stage, config.metrics_port if env.is_main else 0,
                            work / METRICS_LOG if env.is_main else None)
@@ -235,7 +224,7 @@ def train_stage(config: SFTStageConfig, env: DistEnv, work: Path, metrics: Stage
         log.info("%s/%s is already committed; nothing to do", ckpt.store.uri, MODEL)
         return ckpt.store.get_json("summary.json")
     run = prepare(config, env, work, ckpt)
-    restore_metrics_log(run.found, metrics, run.start)
+    metrics.rewind(run.start, run.found[1] / METRICS_LOG if run.found else None)
     metrics.set(total_steps=run.plan.total_steps)
     metrics.event("start", step=run.start, sequences=len(run.data.groups), resumed=run.found is not None,
                   attempt=config.attempt, **run.info)
@@ -289,30 +278,6 @@ def save_checkpoint(engine, ckpt: CheckpointManager, metrics: StageMetrics, env:
                         state_dict=weights)
         metrics.event("checkpoint", step=step, uri=uri)
     barrier(env)
-
-
-def restore_metrics_log(found: tuple[str, Path] | None, metrics: StageMetrics, step: int) -> None:
-    """After a resume the log holds each step up to the checkpoint exactly once.
-
-    A fresh pod gets the log back from the checkpoint; a local re-run drops the lines of
-    steps after the checkpoint, which run again.
-    """
-    path = metrics.jsonl_path
-    if path is None or not step:
-        return
-    saved = found[1] / METRICS_LOG if found else None
-    text = saved.read_text() if saved is not None and saved.exists() else (path.read_text() if path.exists() else "")
-    kept = []
-    for line in text.splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # torn by the kill
-        if record.get("type") != "step" or record.get("step", 0) <= step:
-            kept.append(line)
-    metrics.close()
-    path.write_text("".join(f"{line}\n" for line in kept))
-    metrics.start()
 
 
 def stage_summary(history: list[dict[str, float]], step: int, plan: StepPlan, uri: str | None,
