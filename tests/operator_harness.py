@@ -26,6 +26,7 @@ from typing import Any, AsyncIterator, Callable
 import attrs
 import kmock
 import kopf
+from kmock._internal import rendering
 from kmock._internal.enums import action
 
 from visionr1_operator.api import GROUP, KIND, PLURAL, VERSION
@@ -54,7 +55,29 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-class Cluster(kmock.KubernetesEmulator):
+class _DirectRoutes(kmock.RawHandler):
+    """Serve the emulator's own Kubernetes routes without kmock's request matching.
+
+    kmock finds the reaction for a request by testing it against every request logged so
+    far (its filters are views over the log), which makes each request slower than the
+    last: quadratic, and seconds per request after a few thousand. The emulator's default
+    reactions are known by action, so they are called directly; anything else (discovery,
+    reactions a test adds) still goes through the matching. Sits between
+    ``KubernetesEmulator`` and ``RawHandler`` in the MRO of ``Cluster``.
+    """
+
+    async def _handle(self, request: kmock.Request):  # type: ignore[override]
+        routes = {
+            action.LIST: self._serve_list, action.WATCH: self._serve_watch, action.FETCH: self._serve_fetch,
+            action.CREATE: self._serve_create, action.UPDATE: self._serve_update, action.DELETE: self._serve_delete,
+        }
+        serve = routes.get(request.action) if request.resource is not None else None
+        if serve is not None and request.resource in self._resources:
+            return await rendering.Response(payload=serve)(request)
+        return await super()._handle(request)
+
+
+class Cluster(kmock.KubernetesEmulator, _DirectRoutes):
     """kmock's emulator with the object metadata a real API server maintains."""
 
     keep_history: int | None = None  # versions kept per object (None: all, for assertions)
@@ -110,6 +133,26 @@ class Cluster(kmock.KubernetesEmulator):
             data.setdefault("metadata", {})["generation"] = generation + 1
         if data.get("metadata", {}) is not None:
             data.setdefault("metadata", {})["resourceVersion"] = rv
+
+    def _KubernetesEmulator__get_objs(self, request: kmock.Request, strict: bool) -> list:
+        """The emulator's object lookup, by key when the request names one object.
+
+        kmock scans every stored object for every request (it overrides a private method
+        of ``KubernetesEmulator``, hence the mangled name); with thousands of objects a
+        single create or patch takes milliseconds, which would be charged to the operator.
+        """
+        if request.name is not None and request.resource is not None and (strict or request.namespace):
+            obj = self._objects._objects.get((request.resource, request.namespace, request.name))
+            return [obj] if obj is not None else []
+        return self._scan(request, strict)
+
+    def _scan(self, request: kmock.Request, strict: bool) -> list:
+        out = []
+        for (resource, namespace, name), obj in self._objects.items():
+            namespace_ok = namespace == request.namespace if strict else request.namespace in (None, namespace)
+            if resource == request.resource and namespace_ok and request.name in (None, name):
+                out.append(obj)
+        return out
 
     def _current(self, request: kmock.Request) -> dict[str, Any] | None:
         key = (request.resource, request.namespace, request.name)

@@ -70,10 +70,22 @@ def operator_config(args: argparse.Namespace) -> OperatorConfig:
     )
 
 
+def use_kubeconfig(path: str) -> None:
+    """Make kopf's login (through the kubernetes client) read ``path``.
+
+    The client takes its default file from $KUBECONFIG when it is imported, which kopf
+    has done by now: set both, the environment for anything that reads it later.
+    """
+    import kubernetes.config.kube_config
+
+    os.environ["KUBECONFIG"] = path
+    kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION = path
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.kubeconfig:
-        os.environ["KUBECONFIG"] = args.kubeconfig  # read by kopf's login (the kubernetes client's config)
+        use_kubeconfig(args.kubeconfig)
     kopf.configure(log_format=kopf.LogFormat.FULL, verbose=args.verbose)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     metrics = OperatorMetrics()

@@ -32,7 +32,7 @@ from .kube import APIError, ForeignObject, Kube
 from .manifest import ManifestError, validate_document
 from .metrics import OperatorMetrics
 from .progress import Scraper, parse_progress, same_progress
-from .reconcile import TERMINAL, Decision, Observed, ReconcileSettings, current_stage, decide
+from .reconcile import TERMINAL, Decision, Observed, PlannedRun, ReconcileSettings, current_stage, decide, plan_run
 from .status import merge_patch, status_document
 
 RunKey = tuple[str, str]  # (namespace, name)
@@ -58,9 +58,10 @@ class Operator:
     scraper: Scraper = field(default_factory=Scraper)
     _controllers: dict[RunKey, RunController] = field(default_factory=dict)
 
-    def wake(self, namespace: str, name: str) -> None:
-        controller = self._controllers.get((namespace, name))
-        if controller is not None:
+    def job_changed(self, namespace: str, run: str, job: JobView) -> None:
+        """Wake a run's controller when one of its Jobs changed from what it last acted on."""
+        controller = self._controllers.get((namespace, run))
+        if controller is not None and controller.seen_jobs.get(job.name) != job:
             controller.wake.set()
 
     def run_changed(self, namespace: str, name: str, body: Mapping[str, Any]) -> None:
@@ -124,7 +125,8 @@ class RunController:
         # field the model defaults but the object lacks, such as a first phase, is written).
         self._written: dict[str, Any] = _plain(body.get("status"))
         self._spec_seen: Any = None
-        self._parsed: tuple[Any, VisionR1Run | None, list] = (None, None, [])
+        self._parsed: tuple[Any, VisionR1Run | None, list, PlannedRun | None] = (None, None, [], None)
+        self.seen_jobs: dict[str, JobView] = {}  # the Jobs as the last reconcile saw them
         self._created: dict[str, JobView] = {}  # our Jobs that kopf's index has not shown yet
         self._suspends: dict[str, bool] = {}  # suspend patches the index has not shown yet
         self._reports: dict[str, PodReport] = {}
@@ -180,28 +182,31 @@ class RunController:
         if self.status.phase in TERMINAL:
             self.op.metrics.observe_run(self.key, self.status.phase)
             return None, True
-        run, problems = self._parse()
-        jobs = self._jobs()
+        run, problems, planned = self._parse()
+        jobs = self.seen_jobs = self._jobs()
         await self._fetch_reports(jobs)
         now = _now()
         obs = Observed(
             name=self.key[1], namespace=self.key[0], generation=self.body.metadata.get("generation"),
             run=run, problems=problems, status=self.status, jobs=jobs, reports=dict(self._reports),
-            now=now, progress=await self._scrape(jobs, now),
+            now=now, progress=await self._scrape(jobs, now), planned=planned,
         )
         decision = decide(obs, self.op.config.reconcile)
         await self._apply(run, decision)
         self.op.metrics.observe_run(self.key, self.status.phase)
         return self._next_look(decision, jobs), decision.finished
 
-    def _parse(self) -> tuple[VisionR1Run | None, list[tuple[str, str]]]:
+    def _parse(self) -> tuple[VisionR1Run | None, list[tuple[str, str]], PlannedRun | None]:
         meta = self.body.metadata
         self._spec_seen = (self.body.get("spec"), meta.get("generation"), meta.get("deletionTimestamp"))
-        spec = self.body.get("spec")
+        # The API server bumps metadata.generation on every spec change: a cheap cache key.
+        generation = meta.get("generation")
+        spec = ("generation", generation) if generation is not None else _plain(self.body.get("spec"))
         if self._parsed[0] != spec:  # validating and planning a spec takes milliseconds: do it once
             run, problems = parse_run(self.body)
-            self._parsed = (dict(spec) if isinstance(spec, Mapping) else spec, run, problems)
-        return self._parsed[1], self._parsed[2]
+            planned = plan_run(run, self.op.config.reconcile) if run is not None else None
+            self._parsed = (spec, run, problems, planned)
+        return self._parsed[1], self._parsed[2], self._parsed[3]
 
     def _jobs(self) -> dict[str, JobView]:
         """This run's Jobs from kopf's index, plus the ones we just created that it has not seen."""

@@ -39,6 +39,20 @@ class ReconcileSettings:
 
 
 @dataclass(frozen=True)
+class PlannedRun:
+    """A valid run with its stage plans and their config hashes: computed once per spec."""
+
+    run: VisionR1Run
+    plans: dict[str, StagePlan]  # in execution order
+    hashes: dict[str, str]  # stage name -> jobs.config_hash
+
+
+def plan_run(run: VisionR1Run, settings: ReconcileSettings) -> PlannedRun:
+    plans = {p.name: p for p in build_plan(run, settings.default_image)}
+    return PlannedRun(run=run, plans=plans, hashes={name: config_hash(p) for name, p in plans.items()})
+
+
+@dataclass(frozen=True)
 class Observed:
     """Everything ``decide`` looks at, gathered by the controller."""
 
@@ -52,6 +66,7 @@ class Observed:
     reports: Mapping[str, PodReport]  # pod reports of finished attempts, by Job name
     now: datetime
     progress: Progress | None = None  # freshly scraped from the running stage, if any
+    planned: PlannedRun | None = None  # ``plan_run(run)``, when the caller keeps it between calls
 
 
 @dataclass(frozen=True)
@@ -93,15 +108,16 @@ class Decision:
 
 def decide(obs: Observed, settings: ReconcileSettings) -> Decision:
     """The actions and the new status for one run."""
-    out = Decision(status=obs.status.model_copy(deep=True))
+    out = Decision(status=copy_status(obs.status))
     if out.status.phase in TERMINAL:
         return out  # a finished run is a record; nothing acts on it any more
     if obs.run is None:
         _hold_invalid(obs, out)
         return out
     run = obs.run
-    plans = {p.name: p for p in build_plan(run, settings.default_image)}
-    refused = refused_changes(out.status.stages, plans)
+    planned = obs.planned or plan_run(run, settings)
+    plans = planned.plans
+    refused = refused_changes(out.status.stages, plans, planned.hashes)
     if not refused:
         out.status.stages = _align(out.status.stages, list(plans.values()))
     stages_with_jobs = {j.stage for j in obs.jobs.values()}
@@ -116,6 +132,19 @@ def decide(obs: Observed, settings: ReconcileSettings) -> Decision:
     return out
 
 
+def copy_status(status: VisionR1RunStatus) -> VisionR1RunStatus:
+    """A copy ``decide`` may change: its records, conditions and progress are new objects.
+
+    Not a deep copy (pydantic's is slow): the summaries and eval results are shared, and
+    ``decide`` only ever replaces them, never changes them in place.
+    """
+    return status.model_copy(update={
+        "stages": [r.model_copy() for r in status.stages],
+        "conditions": [c.model_copy() for c in status.conditions],
+        "progress": status.progress.model_copy() if status.progress is not None else None,
+    })
+
+
 def current_stage(records: list[StageStatus]) -> StageStatus | None:
     """The first stage not yet succeeded (a failed one included), or None when all have."""
     return next((r for r in records if r.state != "Succeeded"), None)
@@ -124,7 +153,9 @@ def current_stage(records: list[StageStatus]) -> StageStatus | None:
 # --- spec changes ------------------------------------------------------------------------
 
 
-def refused_changes(records: list[StageStatus], plans: Mapping[str, StagePlan]) -> list[str]:
+def refused_changes(
+    records: list[StageStatus], plans: Mapping[str, StagePlan], hashes: Mapping[str, str]
+) -> list[str]:
     """Spec changes that would rewrite history: a finished stage's settings, a started stage's removal.
 
     Changes to stages that have not started apply (they are planned afresh on every
@@ -135,7 +166,7 @@ def refused_changes(records: list[StageStatus], plans: Mapping[str, StagePlan]) 
         plan = plans.get(record.name)
         if record.state == "Succeeded" and plan is None:
             problems.append(f"stage {record.name} has finished and can no longer be removed from the spec")
-        elif record.state == "Succeeded" and record.config_hash and config_hash(plan) != record.config_hash:
+        elif record.state == "Succeeded" and record.config_hash and hashes[record.name] != record.config_hash:
             problems.append(
                 f"stage {record.name} has finished: its settings (or the model, storage, data or "
                 "image it used) can no longer change"
