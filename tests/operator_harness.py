@@ -401,6 +401,7 @@ async def cluster_api(keep_history: int | None = None) -> AsyncIterator[Api]:
 @contextlib.asynccontextmanager
 async def running_operator(
     api: Api, config: OperatorConfig | None = None, metrics: OperatorMetrics | None = None,
+    liveness_endpoint: str | None = None,
 ) -> AsyncIterator[kopf.Memo]:
     """kopf, unmodified, against the emulator over HTTP, in its own thread and event loop.
 
@@ -422,7 +423,7 @@ async def running_operator(
     thread = threading.Thread(
         target=kopf.run, name="operator", daemon=True,
         kwargs=dict(registry=registry, settings=settings, memo=memo, clusterwide=True, standalone=True,
-                    stop_flag=stop, ready_flag=ready),
+                    stop_flag=stop, ready_flag=ready, liveness_endpoint=liveness_endpoint),
     )
     thread.start()
     await asyncio.to_thread(ready.wait, 10)

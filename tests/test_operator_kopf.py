@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+
+import aiohttp
 
 import kubernetes_validate
 import pytest
@@ -302,9 +305,10 @@ async def test_progress_is_read_from_the_stage_pods_metrics(api):
         gauges[name].labels(run="r9", stage="bridge").set(value)
     server, thread = start_http_server(0, addr="127.0.0.1", registry=registry)
     metrics = OperatorMetrics()
+    health = f"http://127.0.0.1:{free_port()}/healthz"
     try:
         player = JobPlayer(api)
-        async with running_operator(api, metrics=metrics):
+        async with running_operator(api, metrics=metrics, liveness_endpoint=health):
             await api.create(RUNS, run_manifest("r9"))
             await player.start("r9-bridge-1")
             await player.running_pod("r9-bridge-1", server.server_port)
@@ -312,6 +316,9 @@ async def test_progress_is_read_from_the_stage_pods_metrics(api):
                                      what="progress in status")
             gauges["step"].labels(run="r9", stage="bridge").set(8)
             await api.wait_for(lambda: api.status("r9")["progress"]["step"] == 8, what="progress updated")
+            # The liveness endpoint (kopf's), with the operator's own probe in it.
+            async with aiohttp.ClientSession() as session, session.get(health) as response:
+                assert response.status == 200 and (await response.json())["runs"] == 1
     finally:
         server.shutdown()
         server.server_close()
@@ -322,6 +329,12 @@ async def test_progress_is_read_from_the_stage_pods_metrics(api):
     assert 'visionr1_operator_runs{phase="Running"} 1.0' in text
     assert 'visionr1_operator_api_requests_total{resource="Job",verb="create"} 1.0' in text
     assert 'visionr1_operator_stage_transitions_total{kind="bridge",state="Running"} 1.0' in text
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def metrics_text(metrics: OperatorMetrics) -> str:
