@@ -193,3 +193,36 @@ def test_vllm_request_building_is_pure():
     assert kw["n"] == 16 and kw["max_tokens"] == 4096 and kw["top_p"] == 0.95
     assert kw["logit_bias"] == {7: -100.0, 9: -100.0} and kw["seed"] == 3
     assert pad_completions([[1, 2, 3], [4]], 0).tolist() == [[1, 2, 3], [4, 0, 0]]
+
+
+def test_text_only_models_get_pad_free_positions_in_the_prefix(tmp_path):
+    """A plain causal LM numbers left padding unless told otherwise; the prefix must not.
+
+    Regression: the shared prefix used padded positions and the completion pad-free
+    ones, so padded rows scored differently from the full forward (found by the TRL
+    cross-check in bench/grpo_vs_trl.py).
+    """
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from visionr1_trainer.models.tiny import build_tokenizer
+
+    tok = build_tokenizer(["What is 1 + 2?"])
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+    ))
+    enc = encode_prompts(tok, None, ["What is 1 + 2?", "What is 10 + 20 + 30 + 40, please?"], [[], []], 128)
+    assert (enc.attention_mask == 0).any()  # the short prompt is left-padded
+    image = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    ours, _, secs = generate_groups(model, enc, 2, 8, 0.0, 1.0, tok.eos_token_id, tok.pad_token_id, image)
+    theirs = model.generate(input_ids=enc.input_ids.repeat_interleave(2, 0), do_sample=False, max_new_tokens=8,
+                            attention_mask=enc.attention_mask.repeat_interleave(2, 0),
+                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)[:, enc.input_ids.shape[1]:]
+    assert torch.equal(ours[:, : theirs.shape[1]], theirs)
+    batch = build_policy_batch(enc, [0, 0], finish_rollout(ours, tok, 8, secs), 2, tok, image)
+    with torch.no_grad():
+        full, _ = sequence_logprobs(model, batch, range(4), 1.0, "cpu", shared_prefix=False)
+        shared, _ = sequence_logprobs(model, batch, range(4), 1.0, "cpu", shared_prefix=True)
+    mask = batch.loss_mask.bool()
+    assert torch.allclose(full[mask], shared[mask], atol=1e-4)

@@ -15,6 +15,7 @@ import torch
 from ..models.vlm import EncodedPrompts, mm_token_types
 from .algos import token_logprobs, token_logprobs_and_entropy
 from .rollout import Rollout, vision_token_ids
+from .sampler import prefix_position_ids
 
 
 @dataclass
@@ -148,7 +149,8 @@ def _prefix_shared_logits(model, batch: PolicyBatch, rows: list[int], device: st
     distinct = sorted(set(owners))
     where = {p: i for i, p in enumerate(distinct)}
     sub = _select_prompts(prompts, distinct)
-    prefix = model(**{k: v.to(device) for k, v in sub.model_inputs(batch.image_token_id).items()},
+    inputs = {k: v.to(device) for k, v in sub.model_inputs(batch.image_token_id).items()}
+    prefix = model(**inputs, position_ids=prefix_position_ids(model, inputs["attention_mask"]),
                    use_cache=True, logits_to_keep=1)
     index = torch.tensor([where[p] for p in owners], device=device)
     cache = prefix.past_key_values

@@ -41,6 +41,18 @@ def _rope_deltas(model) -> torch.Tensor | None:
     return getattr(inner, "rope_deltas", None)
 
 
+def prefix_position_ids(model, attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """Positions for a left-padded prefix that do not count the padding, or None.
+
+    Qwen-VL models compute their own (3-D, from the attention mask and the image
+    tokens): None. Other causal LMs would number the padding too when given no
+    positions, and then disagree with the pad-free positions of the tokens that follow.
+    """
+    if hasattr(getattr(model, "model", None), "rope_deltas"):
+        return None
+    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+
+
 @torch.no_grad()
 def generate_groups(
     model,
@@ -61,7 +73,8 @@ def generate_groups(
     start = time.perf_counter()
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in prompts.model_inputs(image_token_id).items()}
-    out = model(**inputs, use_cache=True, logits_to_keep=1)
+    out = model(**inputs, position_ids=prefix_position_ids(model, inputs["attention_mask"]),
+                use_cache=True, logits_to_keep=1)
     cache = out.past_key_values
     cache.batch_repeat_interleave(group_size)  # prompt-major: p0 x G, p1 x G, ...
     rows = inputs["input_ids"].shape[0] * group_size
