@@ -85,6 +85,7 @@ class Cluster(kmock.KubernetesEmulator, _DirectRoutes):
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self._rv = itertools.count(1)
+        self._by_resource: dict[Any, dict[tuple, Any]] = {}  # resource -> (namespace, name) -> object
         for resource, info in RESOURCES.items():
             self.resources[resource] = kmock.ResourceInfo(verbs=VERBS, **info)
 
@@ -94,8 +95,18 @@ class Cluster(kmock.KubernetesEmulator, _DirectRoutes):
         try:
             return await super()._handle(request)
         finally:
+            if request.resource is not None and request.action == action.CREATE and isinstance(request.data, dict):
+                meta = request.data.get("metadata", {})
+                key = (request.namespace or meta.get("namespace"), meta.get("name"))
+                obj = self._objects._objects.get((request.resource, *key))
+                if obj is not None:
+                    self._by_resource.setdefault(request.resource, {})[key] = obj
             if self.keep_history and request.name and request.action == action.UPDATE:
                 self._trim((request.resource, request.namespace, request.name))
+
+    def _get_resources(self) -> list:
+        """The declared resources (kmock also scans every stored object for theirs)."""
+        return list(self._resources)
 
     def _stamp(self, request: kmock.Request) -> None:
         """Add server-maintained metadata to a create or patch body, in place.
@@ -147,10 +158,11 @@ class Cluster(kmock.KubernetesEmulator, _DirectRoutes):
         return self._scan(request, strict)
 
     def _scan(self, request: kmock.Request, strict: bool) -> list:
+        """Objects of one resource (a list or watch), from the per-resource index."""
         out = []
-        for (resource, namespace, name), obj in self._objects.items():
+        for (namespace, name), obj in self._by_resource.get(request.resource, {}).items():
             namespace_ok = namespace == request.namespace if strict else request.namespace in (None, namespace)
-            if resource == request.resource and namespace_ok and request.name in (None, name):
+            if namespace_ok and request.name in (None, name):
                 out.append(obj)
         return out
 

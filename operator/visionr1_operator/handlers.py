@@ -29,12 +29,28 @@ FINALIZER = "visionr1.io/finalizer"
 OUR_JOBS = {LABEL_MANAGED_BY: MANAGED_BY, LABEL_RUN: kopf.PRESENT}
 
 
+class SpecDiffBase(kopf.AnnotationsDiffBaseStorage):
+    """kopf's default diff base, built without first copying the status it then drops.
+
+    kopf builds a run's "essence" (spec, labels, annotations) on every watch event by
+    deep-copying the whole object and deleting the status; a run's status (stage
+    records, conditions, summaries) is most of the object.
+    """
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        if extra_fields:  # a handler that watches a status field: keep kopf's own behaviour
+            return super().build(body=body, extra_fields=extra_fields)
+        slim = kopf.Body({key: value for key, value in body.items() if key != "status"})
+        return super().build(body=slim)
+
+
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     """Settings, once, before anything is watched."""
     settings.persistence.finalizer = FINALIZER
     # There are no on.create/on.update handlers, so kopf stores no handler progress; one
     # storage to strip from every run event instead of the default two halves the copying.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="visionr1.io")
+    settings.persistence.diffbase_storage = SpecDiffBase()
     # Only Events the reconcile posts on purpose (and kopf's warnings), not one per log line.
     settings.posting.level = logging.WARNING
     memo.operator = Operator(config=memo.config, settings=settings, metrics=memo.metrics)
