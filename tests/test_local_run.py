@@ -129,3 +129,28 @@ def test_status_and_errors_from_the_cli(tmp_path, inputs, capsys):
     bad.write_text("kind: VisionR1Run\n")
     assert cli(["run", str(bad)]) == 1
     assert "apiVersion" in capsys.readouterr().err
+
+
+def test_ctrl_c_stops_after_the_stage_commits_and_the_run_resumes(tmp_path, inputs):
+    manifest = micro_manifest(tmp_path, inputs, ptst_steps=40)
+    directory = run_dir(with_local_storage(load_run(manifest), None))
+    log = directory / "ptst-1" / "_work" / "metrics.jsonl"
+    proc = _executor(manifest)
+    deadline = time.monotonic() + 240
+    while not (log.exists() and len(read_jsonl(log)) >= 2):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "ptst-1 never logged two steps"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends to the group
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output
+    assert "run the same command again to resume" in " ".join(output.split())
+    status = load_status(directory)
+    record = {s.name: s for s in status.stages}["ptst-1"]
+    assert status.phase == "Suspended" and record.state == "Pending" and record.message == "stopped on request"
+    done = len(read_jsonl(log))
+    assert (directory / "ptst-1" / "checkpoints" / f"step-{done:08d}" / "_COMMITTED.json").exists()
+
+    assert cli(["run", str(manifest), "--metrics-port", "0"]) == 0
+    assert [r["step"] for r in read_jsonl(log)] == list(range(1, 41))
+    assert load_status(directory).phase == "Succeeded"
