@@ -105,6 +105,29 @@ async def test_a_run_goes_through_every_stage_to_succeeded(api):
     check_everything_valid(api, "r1")
 
 
+async def test_a_multi_node_stage_gets_an_indexed_job_and_a_headless_service(api):
+    doc = run_manifest("r1m")
+    doc["spec"]["stages"]["grpo"]["resources"] = {"nodes": 2, "gpusPerNode": 8}
+    player = JobPlayer(api)
+    async with running_operator(api):
+        await api.create(RUNS, doc)
+        await player.succeed("r1m-bridge-1")
+        await api.wait_job("r1m-sft-1")
+        await api.wait_for(lambda: api.status("r1m").get("currentStage") == "sft")
+        since = len(api.requests())
+        await player.succeed("r1m-sft-1")
+        job = await api.wait_job("r1m-ptst-1-1")
+        await api.wait_for(lambda: api.status("r1m").get("currentStage") == "ptst-1")
+        writes = api.writes(since)
+    assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["parallelism"] == 2
+    service = api.get("v1/services", "default", "r1m-ptst-1-1")
+    assert service["spec"]["clusterIP"] == "None" and job["spec"]["template"]["spec"]["subdomain"] == "r1m-ptst-1-1"
+    # Into a multi-node stage: the status, the ConfigMap, the Service and the Job.
+    assert sorted(f"{r.method.value} {r.resource.plural}" for r in writes) == [
+        "PATCH visionr1runs", "POST configmaps", "POST jobs", "POST services"]
+    check_everything_valid(api, "r1m")
+
+
 async def test_a_failing_stage_is_retried_then_the_run_fails(api):
     player = JobPlayer(api)
     async with running_operator(api):
