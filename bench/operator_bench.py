@@ -58,7 +58,8 @@ class RecordingCluster(Cluster):
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self.log: list[tuple[float, str, str, str | None, str]] = []  # (t, method, user agent, run, what)
-        self.job_created_at: dict[str, float] = {}
+        self.job_created_at: dict[str, float] = {}  # by the operator
+        self.job_succeeded_at: dict[str, float] = {}  # by the benchmark's Job controller
         self.on_job_created = lambda name: None
 
     async def _handle(self, request: kmock.Request):  # type: ignore[override]
@@ -69,10 +70,13 @@ class RecordingCluster(Cluster):
         if len(self._requests) > 2000:  # kmock's request log: only the tests read it
             del self._requests[:-100]
         self.log.append((t, request.method.value, ua, run, what))
-        if what == "jobs" and request.action == action.CREATE and ua.startswith("kopf") and response.status < 300:
-            name = request.data["metadata"]["name"]
-            self.job_created_at[name] = t
-            self.on_job_created(name)
+        if what == "jobs" and response.status < 300:
+            if request.action == action.CREATE and ua.startswith("kopf"):
+                name = request.data["metadata"]["name"]
+                self.job_created_at[name] = t
+                self.on_job_created(name)
+            elif request.subresource == "status" and _completes(request.data):
+                self.job_succeeded_at[request.name] = t
         return response
 
     @staticmethod
@@ -88,6 +92,11 @@ class RecordingCluster(Cluster):
         name = request.name or data.get("metadata", {}).get("name") or ""
         found = _STAGE_OBJECT.match(name)
         return (found.group(1) if found else None), plural
+
+
+def _completes(patch: object) -> bool:
+    conditions = (patch or {}).get("status", {}).get("conditions") or [] if isinstance(patch, dict) else []
+    return any(c.get("type") == "Complete" and c.get("status") == "True" for c in conditions)
 
 
 def kubeconfig(url: str, directory: Path) -> Path:
@@ -111,7 +120,6 @@ class JobController:
 
     def __init__(self, api: Api, stage_seconds: float, jitter: float):
         self.api, self.stage_seconds, self.jitter = api, stage_seconds, jitter
-        self.succeeded_at: dict[str, float] = {}  # Job -> when the emulator handled its success
         self.tasks: set[asyncio.Task] = set()
 
     def job_created(self, name: str) -> None:
@@ -125,7 +133,6 @@ class JobController:
         status = {"active": 0, "succeeded": 1, "startTime": now, "completionTime": now, "conditions": [
             {"type": "SuccessCriteriaMet", "status": "True", "lastTransitionTime": now},
             {"type": "Complete", "status": "True", "lastTransitionTime": now}]}
-        self.succeeded_at[name] = time.monotonic()
         await self.api.patch("batch/v1/jobs", "bench", name, {"status": status}, "status")
 
 
@@ -151,8 +158,9 @@ async def bench(args: argparse.Namespace) -> dict:
             # All namespaces: kmock 0.8 cannot parse GET /api/v1/namespaces, which kopf's
             # namespace observer needs for --namespace.
             profile = ["-m", "cProfile", "-o", args.profile] if args.profile else []
-            command = [sys.executable, *profile, "-m", "visionr1_operator", "--kubeconfig", str(config), "--standalone",
-                       "--metrics-port", "0", "--health-port", "0", "--progress-interval", "3600"] + (["-v"] if os.environ.get("BENCH_VERBOSE") else [])
+            command = [sys.executable, *profile, "-m", "visionr1_operator", "--kubeconfig", str(config),
+                       "--standalone", "--metrics-port", "0", "--health-port", "0", "--progress-interval", "3600"]
+            command += ["--verbose"] if args.verbose else []
             log = open(Path(tmp) / "operator.log", "w")
             operator = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
             memory: list[float] = []
@@ -185,7 +193,7 @@ async def bench(args: argparse.Namespace) -> dict:
                 log.close()
                 if args.keep_log:
                     Path(args.keep_log).write_text((Path(tmp) / "operator.log").read_text())
-        result = summarize(args, cluster, jobs, memory, idle_memory, started, created, finished)
+        result = summarize(args, cluster, memory, idle_memory, started, created, finished)
         result["cpu_seconds"] = {"operator": cpu, "emulator_and_bench": round(sum(os.times()[:2]), 1)}
         return result
 
@@ -213,7 +221,7 @@ def _succeeded(cluster: RecordingCluster) -> int:
     return count
 
 
-def summarize(args, cluster: RecordingCluster, jobs: JobController, memory, idle_memory, started, created, finished) -> dict:
+def summarize(args, cluster: RecordingCluster, memory, idle_memory, started, created, finished) -> dict:
     writes_by_run: dict[str, list[float]] = defaultdict(list)
     requests: dict[str, int] = defaultdict(int)
     for t, method, ua, run, what in cluster.log:
@@ -227,11 +235,11 @@ def summarize(args, cluster: RecordingCluster, jobs: JobController, memory, idle
         run = f"run-{i:04d}"
         for n in range(len(STAGES) - 1):
             done, nxt = f"{run}-{STAGES[n]}-1", f"{run}-{STAGES[n + 1]}-1"
-            t0, t1 = jobs.succeeded_at.get(done), cluster.job_created_at.get(nxt)
+            t0, t1 = cluster.job_succeeded_at.get(done), cluster.job_created_at.get(nxt)
             if t0 is None or t1 is None:
                 continue
             latencies.append(t1 - t0)
-            end = jobs.succeeded_at.get(nxt, float("inf"))
+            end = cluster.job_succeeded_at.get(nxt, float("inf"))
             per_transition.append(sum(1 for t in writes_by_run[run] if t0 <= t < end))
     total_writes = sum(len(w) for w in writes_by_run.values())
     return {
@@ -274,6 +282,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "operator_bench.json"))
     parser.add_argument("--keep-log", help="copy the operator's log here")
     parser.add_argument("--profile", help="run the operator under cProfile, writing its stats here")
+    parser.add_argument("--verbose", action="store_true", help="the operator logs at debug level")
     args = parser.parse_args()
     random.seed(args.seed)
     result = asyncio.run(bench(args))

@@ -112,11 +112,20 @@ def test_each_success_starts_the_next_stage_until_the_run_succeeds():
             nxt = STAGES[i + 1]
             assert d.start.plan.name == nxt and sim.status.current_stage == nxt
             assert sim.status.progress == Progress(stage=nxt)
-    # Each stage's artifact URI is what the next stage's config reads.
     assert d.finished and d.start is None
     assert sim.status.phase == "Succeeded" and sim.status.current_stage is None
     assert sim.condition("Succeeded").status == "True" and sim.condition("Ready").status == "True"
     assert [e.reason for e in d.events] == ["Succeeded"]
+
+
+def test_the_eval_stages_summary_is_the_runs_eval_results():
+    sim = Sim()
+    sim.step()
+    for stage in STAGES[:-1]:
+        sim.succeed(f"r-{stage}-1")
+    table = {"mathvista": {"ptst-2": {"accuracy": 0.52, "n": 1000}}}
+    sim.succeed("r-eval-1", {"stage": "eval", "attempt": 1, "benchmarks": table, "artifactUri": "s3://x/eval/results"})
+    assert sim.status.eval == {"benchmarks": table, "artifactUri": "s3://x/eval/results"}
 
 
 def test_the_next_stage_reads_the_artifact_uri_of_the_one_before():

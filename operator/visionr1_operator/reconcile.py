@@ -205,6 +205,8 @@ def _track(
         record.artifact_uri = plan.output_uri if plan is not None else record.artifact_uri
         record.summary = report.summary
         record.message = None
+        if record.kind == "eval" and report.summary:  # the benchmark table, as the local executor shows it
+            out.status.eval = {k: v for k, v in report.summary.items() if k not in ("stage", "attempt")}
     elif job.state == "Failed":
         _failed(record, plan, job, obs, settings, out, can_retry)
     else:
