@@ -23,7 +23,6 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any, AsyncIterator, Callable
 
-import attrs
 import kmock
 import kopf
 from kmock._internal import rendering

@@ -15,7 +15,6 @@ it starts from the stored status and the Jobs that exist.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -27,7 +26,9 @@ from pydantic import ValidationError
 from visionr1_trainer.config import WIRE
 
 from .api import StageStatus, VisionR1Run, VisionR1RunStatus
-from .jobs import JobView, Owner, PodReport, build_stage_objects, metrics_endpoint, observe_job, parse_time, pod_report, pods_of
+from .jobs import (
+    JobView, Owner, PodReport, build_stage_objects, metrics_endpoint, observe_job, parse_time, pod_report, pods_of,
+)
 from .kube import APIError, ForeignObject, Kube
 from .manifest import ManifestError, validate_document
 from .metrics import OperatorMetrics
@@ -55,8 +56,10 @@ class Operator:
     config: OperatorConfig
     settings: kopf.OperatorSettings
     metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
-    scraper: Scraper = field(default_factory=Scraper)
     _controllers: dict[RunKey, RunController] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.scraper = Scraper(self.config.scrape_timeout)
 
     def job_changed(self, namespace: str, run: str, job: JobView) -> None:
         """Wake a run's controller when one of its Jobs changed from what it last acted on."""
@@ -70,7 +73,9 @@ class Operator:
         if controller is not None and controller.spec_changed(body):
             controller.wake.set()
 
-    async def serve_run(self, body: kopf.Body, jobs_index: kopf.Index, stopped: kopf.DaemonStopped, logger: Any) -> None:
+    async def serve_run(
+        self, body: kopf.Body, jobs_index: kopf.Index, stopped: kopf.DaemonStopped, logger: Any
+    ) -> None:
         key = (body.metadata.namespace or "default", body.metadata.name or "")
         controller = RunController(self, body, jobs_index, logger)
         self._controllers[key] = controller
@@ -172,8 +177,7 @@ class RunController:
                 waiter.cancel()
 
     def spec_changed(self, body: Mapping[str, Any]) -> bool:
-        meta = body.get("metadata") or {}
-        return (body.get("spec"), meta.get("generation"), meta.get("deletionTimestamp")) != self._spec_seen
+        return _change_key(body) != self._spec_seen
 
     # --- one reconcile --------------------------------------------------------------------
 
@@ -182,6 +186,8 @@ class RunController:
         if self.status.phase in TERMINAL:
             self.op.metrics.observe_run(self.key, self.status.phase)
             return None, True
+        if self.body.metadata.get("deletionTimestamp"):
+            return None, False  # being deleted: start nothing; kopf stops this loop next
         run, problems, planned = self._parse()
         jobs = self.seen_jobs = self._jobs()
         await self._fetch_reports(jobs)
@@ -197,15 +203,11 @@ class RunController:
         return self._next_look(decision, jobs), decision.finished
 
     def _parse(self) -> tuple[VisionR1Run | None, list[tuple[str, str]], PlannedRun | None]:
-        meta = self.body.metadata
-        self._spec_seen = (self.body.get("spec"), meta.get("generation"), meta.get("deletionTimestamp"))
-        # The API server bumps metadata.generation on every spec change: a cheap cache key.
-        generation = meta.get("generation")
-        spec = ("generation", generation) if generation is not None else _plain(self.body.get("spec"))
-        if self._parsed[0] != spec:  # validating and planning a spec takes milliseconds: do it once
+        self._spec_seen = key = _change_key(self.body)
+        if self._parsed[0] != key:  # validating and planning a spec takes milliseconds: do it once
             run, problems = parse_run(self.body)
             planned = plan_run(run, self.op.config.reconcile) if run is not None else None
-            self._parsed = (spec, run, problems, planned)
+            self._parsed = (key, run, problems, planned)
         return self._parsed[1], self._parsed[2], self._parsed[3]
 
     def _jobs(self) -> dict[str, JobView]:
@@ -286,6 +288,18 @@ class RunController:
         if job is not None and job.state == "Running":
             delays.append(max(self._next_scrape - time.monotonic(), 0.0) or self.op.config.progress_interval)
         return min(delays) if delays else None
+
+
+def _change_key(body: Mapping[str, Any]) -> tuple:
+    """What identifies a version of the spec (and the start of a deletion).
+
+    The API server bumps ``metadata.generation`` on every spec change (never for status):
+    a cheap key. Without one, the spec itself, copied (kopf's views follow the live body).
+    """
+    meta = body.get("metadata") or {}
+    generation = meta.get("generation")
+    spec = ("generation", generation) if generation is not None else _plain(body.get("spec"))
+    return spec, meta.get("deletionTimestamp")
 
 
 def _plain(value: Any) -> Any:

@@ -229,7 +229,8 @@ def _failed(
     limit = plan.backoff_limit if plan is not None else 0
     if counted > limit:
         record.failures = counted
-        _fail_stage(record, job, obs, f"failed {counted} times (backoffLimit {limit}); last: attempt {job.attempt}: {why}", report)
+        message = f"failed {counted} times (backoffLimit {limit}); last: attempt {job.attempt}: {why}"
+        _fail_stage(record, job, obs, message, report)
         return
     cause = "was disrupted (node disruption or preemption, not counted)" if kind == "disruption" else "failed"
     delay = settings.disruption_retry_seconds if kind == "disruption" else retry_delay(counted, settings)
@@ -245,7 +246,9 @@ def _failed(
         return
     record.failures = counted
     record.message = f"attempt {job.attempt} {cause}: {why}"
-    out.events.append(Event("Warning", "StageRetrying", f"stage {record.name}: {record.message}; starting attempt {job.attempt + 1}"))
+    out.events.append(Event(
+        "Warning", "StageRetrying", f"stage {record.name}: {record.message}; starting attempt {job.attempt + 1}"
+    ))
     _begin_attempt(record, plan, job.attempt + 1, obs, out)
 
 
