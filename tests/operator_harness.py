@@ -261,13 +261,17 @@ class Api:
         return deleted
 
     async def wait_for(self, check: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
-        deadline = time.monotonic() + timeout
+        """Poll ``check`` until it is truthy; a KeyError/IndexError (not written yet) means not yet."""
+        deadline, last_error = time.monotonic() + timeout, None
         while True:
-            value = check()
+            try:
+                value = check()
+            except (KeyError, IndexError) as exc:
+                value, last_error = None, exc
             if value:
                 return value
             if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout}s waiting for {what or check}")
+                raise AssertionError(f"timed out after {timeout}s waiting for {what or check} (last error: {last_error!r})")
             await asyncio.sleep(0.02)
 
     async def wait_job(self, name: str, namespace: str = "default", timeout: float = 10.0) -> dict[str, Any]:
