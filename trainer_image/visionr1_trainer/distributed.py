@@ -160,3 +160,25 @@ def verify_replicas_identical(model: torch.nn.Module, env: DistEnv) -> bool:
     if diverged:
         raise RuntimeError(f"ranks {diverged} hold different parameters from rank 0")
     return True
+
+
+def run_on_ranks(config, train_stage):
+    """Run a training stage's ``train_stage(config, env, work, metrics)`` on this rank.
+
+    Joins the process group, makes the work dir, gives rank 0 the metrics endpoint and
+    log (other ranks record nothing, so series and lines are not duplicated), and
+    always closes both on the way out.
+    """
+    from .metrics import METRICS_LOG, StageMetrics
+    from .runtime import work_dir
+
+    env = init_distributed()
+    work = work_dir(config)
+    work.mkdir(parents=True, exist_ok=True)
+    metrics = StageMetrics(config.run, config.stage, config.metrics_port if env.is_main else 0,
+                           work / METRICS_LOG if env.is_main else None)
+    try:
+        return train_stage(config, env, work, metrics.start())
+    finally:
+        metrics.close()
+        shutdown(env)

@@ -30,15 +30,14 @@ from ..distributed import (
     all_reduce_mean,
     barrier,
     broadcast_parameters,
-    init_distributed,
     parameter_fingerprint,
-    shutdown,
+    run_on_ranks,
     verify_replicas_identical,
 )
 from ..metrics import METRICS_LOG, StageMetrics
 from ..models.loading import load_vlm
 from ..models.vlm import IMAGE_TOKEN, encode_prompts
-from ..runtime import StageStopped, stop_requested, work_dir
+from ..runtime import StageStopped, stop_requested
 from .algos import group_advantages, masked_mean, policy_loss
 from .batch import aggregation_weight, build_policy_batch, micro_batches, sequence_logprobs
 from .engine import make_engine
@@ -234,16 +233,7 @@ def load_models(config: GRPOStageConfig, env: DistEnv, work: Path, weights_dir: 
 
 
 def run(config: GRPOStageConfig) -> dict[str, Any]:
-    env = init_distributed()
-    work = work_dir(config)
-    work.mkdir(parents=True, exist_ok=True)
-    metrics = StageMetrics(config.run, config.stage, config.metrics_port if env.is_main else 0,
-                           work / METRICS_LOG if env.is_main else None)
-    try:
-        return train_stage(config, env, work, metrics.start())
-    finally:
-        metrics.close()
-        shutdown(env)
+    return run_on_ranks(config, train_stage)
 
 
 def train_stage(config: GRPOStageConfig, env: DistEnv, work: Path, metrics: StageMetrics) -> dict[str, Any]:

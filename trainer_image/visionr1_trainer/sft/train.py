@@ -31,11 +31,11 @@ import torch.nn.functional as F
 
 from ..checkpoint import CheckpointManager, MODEL, load_trainer_state, resolve_model_dir
 from ..config import DatasetRef, SFTStageConfig
-from ..distributed import DistEnv, all_reduce_mean, barrier, broadcast_parameters, init_distributed, shutdown
+from ..distributed import DistEnv, all_reduce_mean, barrier, broadcast_parameters, run_on_ranks
 from ..metrics import METRICS_LOG, StageMetrics
 from ..models.loading import load_vlm
 from ..models.vlm import IMAGE_TOKEN
-from ..runtime import StageStopped, stop_requested, work_dir
+from ..runtime import StageStopped, stop_requested
 from .data import IGNORE_INDEX, Batch, TrainingData, build_training_data, collate, epoch_micro_batches, load_group
 from .schedule import StepPlan, lr_multiplier, micro_batches_of_step, step_plan
 
@@ -44,16 +44,7 @@ LOAD_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def run(config: SFTStageConfig) -> dict[str, Any]:
-    env = init_distributed()
-    work = work_dir(config)
-    work.mkdir(parents=True, exist_ok=True)
-    metrics = StageMetrics(config.run, config.stage, config.metrics_port if env.is_main else 0,
-                           work / METRICS_LOG if env.is_main else None)
-    try:
-        return train_stage(config, env, work, metrics.start())
-    finally:
-        metrics.close()
-        shutdown(env)
+    return run_on_ranks(config, train_stage)
 
 
 # --- the loss and one step -------------------------------------------------------------------
