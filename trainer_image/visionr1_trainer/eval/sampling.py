@@ -236,19 +236,10 @@ class VLLMSampler:
         return out
 
     def close(self) -> None:
-        import torch
+        from ..bridge.backends.vllm_engine import release_vllm
 
         self.llm = None
-        try:  # release the tensor-parallel workers and their GPU memory before the next model
-            from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
-
-            destroy_model_parallel()
-            destroy_distributed_environment()
-        except ImportError:
-            pass
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release_vllm()  # before the next model is loaded
 
 
 SAMPLERS = ("hf", "vllm")

@@ -73,19 +73,24 @@ class VLLMGenerator(Generator):
                 "top_p": self.spec.top_p}
 
     def close(self) -> None:
-        import torch
-
         self.llm = None
-        try:  # release the tensor-parallel workers and their GPU memory
-            from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+        release_vllm()
 
-            destroy_model_parallel()
-            destroy_distributed_environment()
-        except ImportError:
-            pass
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+
+def release_vllm() -> None:
+    """Free a dropped vLLM engine's tensor-parallel workers and GPU memory (for the next model)."""
+    import torch
+
+    try:
+        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+        destroy_model_parallel()
+        destroy_distributed_environment()
+    except ImportError:
+        pass
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 @register("vllm")
