@@ -305,25 +305,32 @@ def read_dataset(ref, schema: str, storage=None, cache_dir: str | Path | None = 
     parse, expected = SCHEMAS[schema]
     resolved = resolve(ref.source, ref.split, storage, cache_dir)
     ctx = _RowContext(resolved.base_dir, cache_root(cache_dir), storage)
+    result = parse_rows(iter_rows(resolved, ref.subset, ref.split), ref, parse, expected, ctx)
+    _log_result(result, schema)
+    return result
+
+
+def parse_rows(rows, ref, parse, fields, ctx) -> ReadResult:
+    """Parse raw rows into items: at most ``ref.limit`` rows read, ``ref.field_map``
+    applied, broken rows skipped and counted by reason, ids kept unique."""
     result: ReadResult = ReadResult([], source=ref.source)
     seen_ids: collections.Counter = collections.Counter()
-    for index, row in enumerate(iter_rows(resolved, ref.subset, ref.split)):
+    for index, row in enumerate(rows):
         if ref.limit is not None and result.rows_read >= ref.limit:
             break
         result.rows_read += 1
         try:
             if isinstance(row, BadRow):
                 raise SkipRow(row.reason, row.detail)
-            item = parse(apply_field_map(row, ref.field_map, expected), ctx, index)
+            item = parse(apply_field_map(row, ref.field_map, fields), ctx, index)
         except SkipRow as skip:
             result.skipped[skip.reason] += 1
             log.debug("%s row %d skipped: %s", ref.source, index, skip)
             continue
         seen_ids[item.id] += 1
-        if seen_ids[item.id] > 1:  # ids key resumable work and outputs: keep them unique
+        if seen_ids[item.id] > 1:  # ids key resumable work, outputs and records: keep them unique
             item.id = f"{item.id}#{seen_ids[item.id]}"
         result.items.append(item)
-    _log_result(result, schema)
     return result
 
 

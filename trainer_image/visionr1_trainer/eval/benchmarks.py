@@ -35,7 +35,6 @@ the option's letter, whatever the benchmark wrote.
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
 from dataclasses import dataclass, field
@@ -43,8 +42,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..answers import choice_letter, last_boxed_content
-from ..data.formats import ReadResult, SkipRow, apply_field_map, load_rgb
-from ..data.sources import BadRow, cache_root, iter_rows, materialize_image, resolve
+from ..data.formats import ReadResult, SkipRow, load_rgb, parse_rows
+from ..data.sources import cache_root, iter_rows, materialize_image, resolve
 from .extract import LETTERS, option_letter, parse_inline_choices
 
 __all__ = ["EvalItem", "FORMATS", "MATHVISTA_SKILLS", "MATHVISTA_TASKS", "load_benchmark"]
@@ -194,24 +193,7 @@ def load_benchmark(spec, storage=None, cache_dir: str | Path | None = None) -> R
         split, subset = fmt.default_split, subset or fmt.default_subset
     resolved = resolve(ref.source, split, storage, cache_dir)
     ctx = RowContext(resolved.base_dir, cache_root(cache_dir), storage)
-    result: ReadResult[EvalItem] = ReadResult([], source=ref.source)
-    seen: collections.Counter = collections.Counter()
-    for index, row in enumerate(iter_rows(resolved, subset, split)):
-        if ref.limit is not None and result.rows_read >= ref.limit:
-            break
-        result.rows_read += 1
-        try:
-            if isinstance(row, BadRow):
-                raise SkipRow(row.reason, row.detail)
-            item = fmt.parse(apply_field_map(row, ref.field_map, fmt.fields), ctx, index)
-        except SkipRow as skip:
-            result.skipped[skip.reason] += 1
-            log.debug("%s row %d skipped: %s", ref.source, index, skip)
-            continue
-        seen[item.id] += 1
-        if seen[item.id] > 1:  # ids name records and resumable units: keep them unique
-            item.id = f"{item.id}#{seen[item.id]}"
-        result.items.append(item)
+    result = parse_rows(iter_rows(resolved, subset, split), ref, fmt.parse, fmt.fields, ctx)
     level = logging.WARNING if result.skipped else logging.INFO
     log.log(level, "%s (%s, split %s): kept %d of %d rows; skipped %s", ref.source, spec.format, split,
             len(result.items), result.rows_read, dict(sorted(result.skipped.items())))
