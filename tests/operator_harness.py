@@ -238,7 +238,9 @@ class Api:
             return data
 
     async def create(self, resource: str, obj: dict[str, Any]) -> dict[str, Any]:
-        return await self._call("POST", self._path(resource, obj["metadata"].get("namespace", "default")), obj)
+        info = self.cluster.resources.get(resource)
+        namespace = obj["metadata"].get("namespace", "default") if info is None or info.namespaced else None
+        return await self._call("POST", self._path(resource, namespace), obj)
 
     async def patch(self, resource: str, namespace: str, name: str, patch: dict, sub: str | None = None) -> dict:
         return await self._call("PATCH", self._path(resource, namespace, name, sub), patch)
@@ -417,11 +419,14 @@ async def cluster_api(keep_history: int | None = None) -> AsyncIterator[Api]:
 async def running_operator(
     api: Api, config: OperatorConfig | None = None, metrics: OperatorMetrics | None = None,
     liveness_endpoint: str | None = None,
+    options: tuple[kopf.OperatorSettings, dict[str, Any]] | None = None,
 ) -> AsyncIterator[kopf.Memo]:
     """kopf, unmodified, against the emulator over HTTP, in its own thread and event loop.
 
     Its own loop, as in production: kopf treats every task of its loop as its own and, when
     it stops, waits for and then cancels them, which would include the emulator's.
+    ``options`` are ``__main__.kopf_options`` of some command line (scope, scanning,
+    peering); by default a cluster-wide, standalone operator.
     """
     registry = register(kopf.OperatorRegistry())
 
@@ -430,15 +435,15 @@ async def running_operator(
 
     kopf.on.login(registry=registry)(login)
     memo = kopf.Memo(config=config or test_config(), metrics=metrics or OperatorMetrics())
-    settings = kopf.OperatorSettings()
+    settings, run_options = options or (kopf.OperatorSettings(), dict(clusterwide=True, standalone=True))
+    run_options = {**run_options, "liveness_endpoint": liveness_endpoint}
     # kopf waits this long for the watch to show its own last patch; when the operator
     # stops right after one (every test ends so), the wait only slows the test down.
     settings.persistence.consistency_timeout = 0.5
     stop, ready = threading.Event(), threading.Event()
     thread = threading.Thread(
         target=kopf.run, name="operator", daemon=True,
-        kwargs=dict(registry=registry, settings=settings, memo=memo, clusterwide=True, standalone=True,
-                    stop_flag=stop, ready_flag=ready, liveness_endpoint=liveness_endpoint),
+        kwargs=dict(registry=registry, settings=settings, memo=memo, stop_flag=stop, ready_flag=ready, **run_options),
     )
     thread.start()
     await asyncio.to_thread(ready.wait, 10)

@@ -39,3 +39,33 @@ def test_kubeconfig_flag_reaches_the_clients_default(tmp_path, monkeypatch):
     path = str(tmp_path / "kubeconfig")
     use_kubeconfig(path)
     assert kube_config.KUBE_CONFIG_DEFAULT_LOCATION == path and os.environ["KUBECONFIG"] == path
+
+
+def test_no_cluster_scan_needs_exact_namespaces(capsys):
+    import pytest
+
+    from visionr1_operator.__main__ import kopf_options, parse_args
+
+    args = parse_args(["-n", "research", "--no-cluster-scan"])
+    settings, options = kopf_options(args)
+    assert settings.scanning.disabled and options["namespaces"] == ["research"] and not options["clusterwide"]
+    for argv, said in ((["-n", "team-*", "--no-cluster-scan"], "'team-*' is a pattern"),
+                       (["--no-cluster-scan"], "needs --namespace")):
+        with pytest.raises(SystemExit) as exit_info:
+            parse_args(argv)
+        assert exit_info.value.code == 2 and said in capsys.readouterr().err
+    settings, options = kopf_options(parse_args([]))
+    assert not settings.scanning.disabled and options["clusterwide"] and options["standalone"] is None
+
+
+def test_priority_auto_gives_replicas_different_priorities(capsys):
+    import pytest
+
+    from visionr1_operator.__main__ import parse_args
+
+    priorities = {parse_args(["--peering", "vr1", "--priority", "auto"]).priority for _ in range(20)}
+    assert len(priorities) == 20 and all(p > 0 for p in priorities)  # a tie would pause every replica
+    assert parse_args(["--priority", "7"]).priority == 7
+    with pytest.raises(SystemExit):
+        parse_args(["--priority", "high"])
+    assert "expected an integer or 'auto'" in capsys.readouterr().err

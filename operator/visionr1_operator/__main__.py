@@ -5,7 +5,8 @@ In a cluster it uses its ServiceAccount; outside, a kubeconfig (``--kubeconfig``
 ``--namespace`` (repeatable; globs such as ``research-*`` work).
 
 High availability: run two or more replicas with the same ``--peering`` name and
-different ``--priority``. kopf's peering (the ``KopfPeering`` / ``ClusterKopfPeering``
+different priorities (``--priority auto`` draws one, for replicas that share their
+flags; equal priorities pause every replica). kopf's peering (the ``KopfPeering`` / ``ClusterKopfPeering``
 resources, installed with the chart) keeps exactly one replica active; the others
 stand by and take over, from the runs' status and the existing Jobs, when it goes.
 """
@@ -15,8 +16,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import random
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 import kopf
 
@@ -49,7 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     ha.add_argument("--peering", metavar="NAME",
                     help="HA: require the kopf peering NAME; one replica per peering is active")
     ha.add_argument("--standalone", action="store_true", help="no peering: this replica is always active")
-    p.add_argument("--priority", type=int, default=0, help="peering priority (the highest active replica wins)")
+    p.add_argument("--priority", type=_priority, default=0,
+                   help="peering priority (the highest live replica is active); 'auto': a random one, so the "
+                        "replicas of one Deployment, which share their flags, never tie (a tie pauses them all)")
+    p.add_argument("--no-cluster-scan", action="store_true",
+                   help="do not list/watch Namespaces and CustomResourceDefinitions (cluster-scoped): for an "
+                        "operator with namespaced permissions only; needs exact --namespace names")
     p.add_argument("--progress-interval", type=float, default=30.0,
                    help="seconds between reads of a running stage's metrics (default: %(default)s)")
     p.add_argument("--retry-base", type=float, default=10.0,
@@ -57,6 +64,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-max", type=float, default=300.0, help="longest delay between retries")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
+
+
+def _priority(text: str) -> int:
+    if text == "auto":
+        return random.SystemRandom().randint(1, 2**31 - 1)
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The flags, with the checks that involve more than one of them."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.no_cluster_scan:
+        patterns = [ns for ns in args.namespace if any(ch in ns for ch in "*?[")]
+        if patterns:
+            parser.error(f"--no-cluster-scan needs exact --namespace names: {patterns[0]!r} is a pattern, "
+                         "and matching it needs the namespaces listed")
+        if not args.namespace:
+            parser.error("--no-cluster-scan needs --namespace: a cluster-wide operator lists cluster-scoped resources")
+    return args
+
+
+def kopf_options(args: argparse.Namespace) -> tuple[kopf.OperatorSettings, dict[str, Any]]:
+    """kopf's settings and ``kopf.run`` keywords for the flags.
+
+    kopf's own API calls follow from these (namespace and CRD scanning, peering), so the
+    chart's RBAC is checked against an operator started with exactly these options.
+    """
+    settings = kopf.OperatorSettings()
+    settings.peering.name = DEFAULT_PEERING  # used if its peering resource exists (or --peering)
+    settings.scanning.disabled = args.no_cluster_scan
+    options: dict[str, Any] = dict(
+        clusterwide=not args.namespace,
+        namespaces=args.namespace,
+        standalone=True if args.standalone else None,
+        peering_name=args.peering,
+        priority=args.priority,
+        liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None,
+    )
+    return settings, options
 
 
 def operator_config(args: argparse.Namespace) -> OperatorConfig:
@@ -83,7 +133,7 @@ def use_kubeconfig(path: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     if args.kubeconfig:
         use_kubeconfig(args.kubeconfig)
     kopf.configure(log_format=kopf.LogFormat.FULL, verbose=args.verbose)
@@ -91,20 +141,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics = OperatorMetrics()
     if args.metrics_port:
         metrics.serve(args.metrics_port)
-    settings = kopf.OperatorSettings()
-    settings.peering.name = DEFAULT_PEERING  # used if its peering resource exists (or --peering)
+    settings, options = kopf_options(args)
     memo = kopf.Memo(config=operator_config(args), metrics=metrics)
-    kopf.run(
-        registry=register(kopf.get_default_registry()),
-        settings=settings,
-        memo=memo,
-        clusterwide=not args.namespace,
-        namespaces=args.namespace,
-        standalone=True if args.standalone else None,
-        peering_name=args.peering,
-        priority=args.priority,
-        liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None,
-    )
+    kopf.run(registry=register(kopf.get_default_registry()), settings=settings, memo=memo, **options)
     return 0
 
 
