@@ -15,7 +15,7 @@ help:
 	@echo "make test       run the whole test suite (CPU, no downloads)"
 	@echo "make gpu-smoke  run the tests marked gpu (needs a CUDA accelerator)"
 	@echo "make bench-grpo GRPO throughput against TRL (see BENCHMARKS.md)"
-	@echo "make crd        regenerate crds/visionr1run.yaml from the pydantic API"
+	@echo "make crd        regenerate the CRD (crds/ and the chart's crds/) from the pydantic API"
 
 install: $(STAMP)
 
@@ -50,8 +50,10 @@ bench-grpo: install
 	$(BIN)/python bench/grpo_vs_trl.py --steps 8
 	$(BIN)/python bench/grpo_vs_trl.py --steps 6 --hidden 256 --layers 4 --max-len 128 --out bench/results/grpo_vs_trl_h256.json
 
+# The CRD lives twice: crds/ for kubectl, the chart's crds/ for Helm (a test checks both).
 crd: install
 	$(BIN)/visionr1 crd > crds/visionr1run.yaml
+	cp crds/visionr1run.yaml charts/visionr1-operator/crds/visionr1run.yaml
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
