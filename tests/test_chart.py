@@ -217,11 +217,13 @@ def test_monitoring_wiring_selects_what_it_should():
 def test_notes_tell_how_to_apply_and_watch_a_run():
     notes = render_files()["visionr1-operator/templates/NOTES.txt"]
     assert "kubectl apply --server-side" in notes and "examples/vision-r1-7b.yaml" in notes
-    assert "kubectl wait --for=condition=Succeeded vr1/vision-r1-7b" in notes
-    assert "kubectl get vr1 -w" in notes and "crds/" in notes
-    assert (ROOT / "examples" / "vision-r1-7b.yaml").exists()
+    # The example's own name and namespace (kubectl refuses a -n that contradicts the file's).
+    example = yaml.safe_load((ROOT / "examples" / "vision-r1-7b.yaml").read_text())["metadata"]
+    ns = f"-n {example['namespace']}"
+    assert f"kubectl wait --for=condition=Succeeded vr1/{example['name']} {ns}" in notes
+    assert f"kubectl get vr1 {ns} -w" in notes and "crds/" in notes
     namespaced = render_files(VALUE_SETS["namespaced"])["visionr1-operator/templates/NOTES.txt"]
-    assert "research, team-a" in namespaced and "-n research -f" in namespaced
+    assert "research, team-a" in namespaced and "must be one of the watched namespaces" in namespaced
 
 
 @pytest.mark.parametrize("values, field", [

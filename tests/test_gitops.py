@@ -340,7 +340,7 @@ def test_commands_name_files_that_exist():
     for name in files:
         assert (ROOT / name).is_file(), name
     (install,) = [argv for argv in commands if argv[:2] == ["helm", "install"]]
-    assert install[2:4] == ["visionr1", "charts/visionr1-operator"]
+    assert install[2:4] == ["visionr1-operator", "charts/visionr1-operator"]  # fullname: visionr1-operator
     assert option(install, "-n") == ["visionr1-system"] and "--create-namespace" in install
     assert (ROOT / install[3]).is_dir()
     for argv in commands:
