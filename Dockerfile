@@ -1,21 +1,36 @@
-# The operator image: the kopf control plane only (no torch), non-root.
-# Build: docker build -t visionr1/operator:0.1.0 .
-# Stage 1 builds wheels (a compiler may be needed for some); stage 2 installs them only.
-FROM python:3.11.7-slim-bookworm AS build
+# The operator image: the kopf control plane only (no torch, no CUDA), run as uid 10001.
+# Build from the repository root:  docker build -t visionr1/operator:0.1.0 .
+#
+# Stage 1 installs the operator extra into a virtualenv under the pinned constraints; stage 2
+# is the same slim base plus that virtualenv: no pip run, no wheel built, no compiler.
+# The base is pinned by tag and by the digest of its multi-platform index (the one other
+# projects record for this tag; `docker buildx imagetools inspect` shows it). tests/test_images.py
+# checks the pins, the extra, the user and the entry point.
+
+FROM python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+# The same pip as the Makefile (PIP_VERSION), so the image resolves as `make install` does.
+RUN python -m venv /opt/venv && /opt/venv/bin/python -m pip install "pip==26.3"
 WORKDIR /src
-RUN python -m pip install --no-cache-dir "pip==26.3"
 COPY pyproject.toml constraints.txt README.md ./
 COPY operator/ operator/
 COPY trainer_image/visionr1_trainer/ trainer_image/visionr1_trainer/
-# The operator extra only; the pinned constraints keep the image reproducible.
-RUN python -m pip wheel --no-cache-dir -c constraints.txt --wheel-dir /wheels ".[operator]"
+# The operator extra only: the controller imports the trainer's config models (pydantic), never
+# torch. Every pinned dependency ships a cp311 manylinux wheel, so this stage needs no compiler.
+RUN /opt/venv/bin/python -m pip install -c constraints.txt ".[operator]"
 
-FROM python:3.11.7-slim-bookworm
-RUN useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin visionr1
-COPY --from=build /wheels /wheels
-RUN python -m pip install --no-cache-dir --no-index --find-links /wheels "visionr1[operator]" \
-    && rm -rf /wheels
-USER 10001
-# Metrics and liveness ports (see `python -m visionr1_operator --help`).
+FROM python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d
+# The chart runs this with readOnlyRootFilesystem and an emptyDir on /tmp: no .pyc written at run
+# time (pip compiled them at install), and HOME is /tmp for anything that writes under ~.
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    HOME=/tmp
+RUN groupadd --gid 10001 visionr1 \
+    && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin visionr1
+COPY --from=build /opt/venv /opt/venv
+# Numeric, so the kubelet can check runAsNonRoot without reading /etc/passwd.
+USER 10001:10001
+# Prometheus /metrics and the liveness endpoint /healthz (`python -m visionr1_operator --help`).
 EXPOSE 8080 8081
 ENTRYPOINT ["python", "-m", "visionr1_operator"]
