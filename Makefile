@@ -38,10 +38,11 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -x -q -m "not gpu and not slow"
 
-# On a GPU machine: add vLLM and DeepSpeed (they bring their own CUDA torch, so not
-# under the CPU constraints) and run only the tests marked gpu.
+# On a GPU machine: add vLLM and DeepSpeed. vLLM pins its own CUDA torch, so the CPU torch
+# line of constraints.txt gives way; every other pin holds (as in trainer_image/Dockerfile).
 gpu-smoke: install
-	$(BIN)/python -m pip install --quiet -e ".[gpu]"
+	grep -v '^torch==' constraints.txt > $(VENV)/constraints-gpu.txt
+	$(BIN)/python -m pip install --quiet -c $(VENV)/constraints-gpu.txt -e ".[$(EXTRAS),gpu]"
 	$(BIN)/python -m pytest -m gpu -v
 
 # GRPO step time and tokens/s against TRL's GRPOTrainer (results in BENCHMARKS.md).

@@ -376,12 +376,6 @@ def test_trainer_cuda_base_matches_the_torch_that_vllm_pins():
     assert found.group(3) == "devel", "the trainer needs a -devel base (see the Dockerfile's header)"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pyproject.toml's train extra (torch<2.14, transformers>=5.23) and constraints.txt "
-    "(transformers 5.23.0, lark 1.3.1) exclude what vllm 0.33.0 requires; the trainer image "
-    "cannot resolve until they agree. Remove this marker once they do.",
-)
 def test_train_extra_and_constraints_admit_what_vllm_requires():
     stack = gpu_stack()
     train, pins = extra("train"), constraint_pins()
