@@ -8,7 +8,7 @@ EXTRAS ?= operator,train,test
 comma  := ,
 STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: help install demo test test-fast gpu-smoke bench-grpo crd clean
+.PHONY: help install demo test test-fast gpu-smoke bench-grpo crd images clean
 
 help:
 	@echo "make demo       run the tiny CPU example end to end on this machine"
@@ -16,6 +16,7 @@ help:
 	@echo "make gpu-smoke  run the tests marked gpu (needs a CUDA accelerator)"
 	@echo "make bench-grpo GRPO throughput against TRL (see BENCHMARKS.md)"
 	@echo "make crd        regenerate the CRD (crds/ and the chart's crds/) from the pydantic API"
+	@echo "make images     build the operator and trainer images (needs Docker with BuildKit)"
 
 install: $(STAMP)
 
@@ -55,6 +56,12 @@ bench-grpo: install
 crd: install
 	$(BIN)/visionr1 crd > crds/visionr1run.yaml
 	cp crds/visionr1run.yaml charts/visionr1-operator/crds/visionr1run.yaml
+
+# Tags from the chart's appVersion, as the chart expects them.
+APP_VERSION = $(shell sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}/\1/p' charts/visionr1-operator/Chart.yaml)
+images:
+	docker build -t visionr1/operator:$(APP_VERSION) .
+	docker build -f trainer_image/Dockerfile -t visionr1/trainer:$(APP_VERSION) .
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
