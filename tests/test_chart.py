@@ -56,7 +56,8 @@ def test_operator_flags_parse_with_the_operators_own_parser(mode):
 
 @pytest.mark.parametrize("mode", sorted(VALUE_SETS))
 def test_no_wildcards_and_nothing_on_secrets(mode):
-    for role in of_kind(render(VALUE_SETS[mode]), "ClusterRole") + of_kind(render(VALUE_SETS[mode]), "Role"):
+    objects = render(VALUE_SETS[mode])
+    for role in of_kind(objects, "ClusterRole") + of_kind(objects, "Role"):
         for rule in role["rules"]:
             for key in ("apiGroups", "resources", "verbs"):
                 assert "*" not in rule[key], rule
@@ -66,8 +67,8 @@ def test_no_wildcards_and_nothing_on_secrets(mode):
 
 @pytest.mark.parametrize("mode", sorted(VALUE_SETS))
 def test_the_operator_pod_is_hardened(mode):
-    deployment = one(render(VALUE_SETS[mode]), "Deployment")
-    pod = deployment["spec"]["template"]["spec"]
+    objects = render(VALUE_SETS[mode])
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -81,15 +82,7 @@ def test_the_operator_pod_is_hardened(mode):
     for probe in (container["livenessProbe"], container["readinessProbe"]):
         assert probe["httpGet"] == {"path": "/healthz", "port": "health"}  # kopf's liveness endpoint
     assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]  # the only writable path
-    assert pod["serviceAccountName"] == one_name(render(VALUE_SETS[mode]), "ServiceAccount", VALUE_SETS[mode])
-
-
-def one_name(objects, kind, values) -> str:
-    found = of_kind(objects, kind)
-    if not values.get("serviceAccount", {}).get("create", True):
-        return values["serviceAccount"]["name"]
-    (obj,) = found
-    return obj["metadata"]["name"]
+    assert pod["serviceAccountName"] == one(objects, "ServiceAccount")["metadata"]["name"]
 
 
 def test_images_default_to_the_app_version_and_custom_ones_are_used():

@@ -17,7 +17,7 @@ from typing import Any
 
 import kmock
 import pytest
-from chart_harness import NAMESPACE, VALUE_SETS, of_kind, operator_args, render
+from chart_harness import NAMESPACE, VALUE_SETS, of_kind, one, operator_args, render
 from operator_harness import RUNS, Api, JobPlayer, cluster_api, run_manifest, running_operator
 
 from visionr1_operator.__main__ import kopf_options, parse_args
@@ -152,7 +152,7 @@ async def test_rbac_grants_exactly_the_calls_the_operator_makes(mode):
         needed, namespaces = requested(api)
         needed |= owner_finalizer_rules(api)
 
-    account = {"kind": "ServiceAccount", "name": one_name(objects, "ServiceAccount"), "namespace": NAMESPACE}
+    account = {"kind": "ServiceAccount", "name": one(objects, "ServiceAccount")["metadata"]["name"], "namespace": NAMESPACE}
     if watched:
         # Namespaced permissions only: no ClusterRole, a Role in each watched namespace,
         # and every request went to one of them.
@@ -171,11 +171,6 @@ async def test_rbac_grants_exactly_the_calls_the_operator_makes(mode):
         assert granted(role["rules"]) == needed, diff(granted(role["rules"]), needed)
         (binding,) = of_kind(objects, "ClusterRoleBinding")
         assert binding["subjects"] == [account] and binding["roleRef"]["name"] == role["metadata"]["name"]
-
-
-def one_name(objects: list[dict[str, Any]], kind: str) -> str:
-    (obj,) = of_kind(objects, kind)
-    return obj["metadata"]["name"]
 
 
 def diff(grant: set[Rule], need: set[Rule]) -> str:
