@@ -6,9 +6,10 @@ In a cluster it uses its ServiceAccount; outside, a kubeconfig (``--kubeconfig``
 
 High availability: run two or more replicas with the same ``--peering`` name and
 different priorities (``--priority auto`` draws one, for replicas that share their
-flags; equal priorities pause every replica). kopf's peering (the ``KopfPeering`` / ``ClusterKopfPeering``
-resources, installed with the chart) keeps exactly one replica active; the others
-stand by and take over, from the runs' status and the existing Jobs, when it goes.
+flags; equal priorities pause every replica). kopf's peering (the ``KopfPeering`` /
+``ClusterKopfPeering`` resources, installed with the chart) keeps exactly one replica
+active; the others stand by and take over, from the runs' status and the existing
+Jobs, when it goes.
 """
 
 from __future__ import annotations
