@@ -6,12 +6,11 @@ import collections
 import json
 import logging
 import re
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from fake_openai import FakeOpenAIServer
 from PIL import Image
 
 from visionr1_trainer.bridge import pipeline
@@ -22,7 +21,7 @@ from visionr1_trainer.data import bridge_row, write_rows
 KEY = "test-key-0123456789"
 
 
-class FakeAPI:
+class FakeAPI(FakeOpenAIServer):
     """An OpenAI-compatible chat endpoint whose failures are scripted per prompt.
 
     ``script`` is the list of what the n-th attempt of a given prompt gets: an HTTP status
@@ -34,24 +33,7 @@ class FakeAPI:
         self.attempts: collections.Counter = collections.Counter()
         self.auth: list[str | None] = []
         self.image_parts = 0
-        self.lock = threading.Lock()
-        api = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                try:
-                    api.handle(self, body)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client timed out and hung up, as intended
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        super().__init__()
 
     def handle(self, handler, body):
         content = body["messages"][0]["content"]
@@ -85,21 +67,6 @@ class FakeAPI:
         given = "5" if answer == "6" else answer  # one wrong answer: dropped by the filter
         return {"content": f"The number is \\boxed{{{given}}}.",
                 "reasoning_content": f"The description says {answer}. Wait, let me check: yes, {given}."}
-
-    @staticmethod
-    def reply(handler, status: int, payload: dict, headers: dict | None = None) -> None:
-        data = json.dumps(payload).encode()
-        handler.send_response(status)
-        handler.send_header("Content-Type", "application/json")
-        handler.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
-            handler.send_header(k, v)
-        handler.end_headers()
-        handler.wfile.write(data)
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture

@@ -5,10 +5,9 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from fake_openai import FakeOpenAIServer
 
 from visionr1_trainer.bridge.backends import openai_api
 from visionr1_trainer.config import EvalStageConfig, JudgeSpec
@@ -22,7 +21,7 @@ from visionr1_trainer.metrics import read_jsonl
 KEY = "judge-key-5f3a9c0e"
 
 
-class FakeJudge:
+class FakeJudge(FakeOpenAIServer):
     """Chat completions that fail with 429, then 500, then answer; the verdict is scripted.
 
     A prompt whose response part holds ``Final Answer:<reference>`` is Correct, one that
@@ -34,21 +33,7 @@ class FakeJudge:
         self.attempts: collections.Counter = collections.Counter()
         self.auth: list[str | None] = []
         self.bodies: list[dict] = []
-        self.lock = threading.Lock()
-        judge = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                judge.handle(self, body)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        super().__init__()
 
     def handle(self, handler, body):
         prompt = body["messages"][0]["content"]
@@ -72,21 +57,6 @@ class FakeJudge:
         else:
             verdict = "**Incorrect.** The values differ."
         self.reply(handler, 200, {"choices": [{"message": {"role": "assistant", "content": verdict}}]})
-
-    @staticmethod
-    def reply(handler, status, payload, headers=None):
-        data = json.dumps(payload).encode()
-        handler.send_response(status)
-        handler.send_header("Content-Type", "application/json")
-        handler.send_header("Content-Length", str(len(data)))
-        for name, value in (headers or {}).items():
-            handler.send_header(name, value)
-        handler.end_headers()
-        handler.wfile.write(data)
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
