@@ -110,6 +110,14 @@ def _check_stop() -> None:
 # --- hf --------------------------------------------------------------------------------------
 
 
+def encode_items(tokenizer, image_processor, items: Sequence[EvalItem]):
+    """The items' prompts (images included) encoded once, and one sample per item that says
+    ``prompt_too_long`` until a sampler fills in those it kept."""
+    prompts = encode_prompts(tokenizer, image_processor, [prompt_text(it) for it in items],
+                             [it.load_images() for it in items], MAX_PROMPT_TOKENS)
+    return prompts, [Sample(None, error="prompt_too_long") for _ in items]
+
+
 class HFSampler:
     """A transformers model sampling with the GRPO stage's shared-prefix sampler."""
 
@@ -139,9 +147,7 @@ class HFSampler:
         from ..grpo.sampler import generate_groups
 
         s = self.settings
-        prompts = encode_prompts(self.tokenizer, self.image_processor, [prompt_text(it) for it in items],
-                                 [it.load_images() for it in items], MAX_PROMPT_TOKENS)
-        out = [Sample(None, error="prompt_too_long") for _ in items]
+        prompts, out = encode_items(self.tokenizer, self.image_processor, items)
         if not prompts.kept:
             return out
         ids, _, seconds = generate_groups(
@@ -218,9 +224,7 @@ class VLLMSampler:
         from ..grpo.vllm_rollout import sampling_kwargs, vllm_requests
 
         s = self.settings
-        prompts = encode_prompts(self.tokenizer, self.image_processor, [prompt_text(it) for it in items],
-                                 [it.load_images() for it in items], MAX_PROMPT_TOKENS)
-        out = [Sample(None, error="prompt_too_long") for _ in items]
+        prompts, out = encode_items(self.tokenizer, self.image_processor, items)
         if not prompts.kept:
             return out
         params = SamplingParams(**sampling_kwargs(RolloutSampling(1, s.max_tokens, s.temperature, s.top_p),
