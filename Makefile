@@ -24,6 +24,10 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check "pip==$(PIP_VERSION)"
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
+	# DeepSpeed for the ZeRO tests on CPU ranks (gloo): its build imports torch, so it
+	# comes after the main install, with no ops compiled ahead of time.
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install --quiet --no-build-isolation -c constraints.txt \
+		hjson py-cpuinfo msgpack einops ninja deepspeed==0.19.8
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
