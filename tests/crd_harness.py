@@ -371,10 +371,9 @@ def _structural_node(node: Node, parts: tuple, problems: list[str]) -> None:
 
 
 def _int_or_string_branches(branches: list[Node]) -> bool:
-    types = sorted(b.get("type", "") for b in branches)
-    return types == ["integer", "string"] and not any(
-        "default" in b or "description" in b or "nullable" in b for b in branches
-    )
+    # Exactly apiextensions-apiserver's intOrStringAnyOf, order included: a branch with
+    # anything else (minimum, pattern, description) is "must be empty to be structural".
+    return branches == [{"type": "integer"}, {"type": "string"}]
 
 
 def _default_problems(node: Node) -> list[str]:

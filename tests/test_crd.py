@@ -76,6 +76,12 @@ def test_structural_check_catches_what_the_api_server_refuses():
             "union": {"type": "string", "anyOf": [{"type": "string"}, {"type": "null"}]},
             "count": {"type": "integer", "minimum": 1, "default": 0},
             "mixed": {"type": "object", "properties": {}, "additionalProperties": {"type": "string"}},
+            # The bug a real API server found: constraints inside the int-or-string branches.
+            "quantity": {
+                "x-kubernetes-int-or-string": True,
+                "anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": "^[0-9]+$"}],
+            },
+            "swapped": {"x-kubernetes-int-or-string": True, "anyOf": [{"type": "string"}, {"type": "integer"}]},
         },
     }
     problems = "\n".join(structural_problems(bad))
@@ -86,8 +92,33 @@ def test_structural_check_catches_what_the_api_server_refuses():
         "union: anyOf",
         "count: default:",
         "mixed: properties and additionalProperties",
+        "quantity: anyOf",
+        "swapped: anyOf",
     ):
         assert expected in problems
+
+
+def _int_or_string_nodes(node, path="spec"):
+    if isinstance(node, dict):
+        if node.get("x-kubernetes-int-or-string"):
+            yield path, node
+        for key, child in node.get("properties", {}).items():
+            yield from _int_or_string_nodes(child, f"{path}.{key}")
+        for key in ("items", "additionalProperties"):
+            if isinstance(node.get(key), dict):
+                yield from _int_or_string_nodes(node[key], f"{path}[]")
+
+
+def test_int_or_string_nodes_have_exactly_the_structural_any_of(crd):
+    """apiextensions-apiserver accepts only anyOf [{type: integer}, {type: string}] under
+    x-kubernetes-int-or-string; quantities keep their syntax check as a CEL rule."""
+    nodes = dict(_int_or_string_nodes(openapi_schema(crd)))
+    assert {p.rsplit(".", 1)[-1] for p in nodes} >= {"cpu", "memory", "sharedMemory"}
+    for path, node in nodes.items():
+        assert node["anyOf"] == [{"type": "integer"}, {"type": "string"}], path
+        assert set(node) - {"description", "default"} == {
+            "x-kubernetes-int-or-string", "anyOf", "x-kubernetes-validations"
+        }, path
 
 
 def test_names_version_subresource_and_columns(crd):

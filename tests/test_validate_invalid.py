@@ -103,9 +103,9 @@ CASES = [
     Case("run-name-uppercase", "schema", "metadata.name", "should match pattern",
          {"metadata.name": "Tiny-CPU"}),
     # --- resources and placement
-    Case("memory-with-space", "schema", f"{SFT}.resources.memory", "not a Kubernetes quantity",
+    Case("memory-with-space", "cel", f"{SFT}.resources.memory", "not a Kubernetes quantity",
          {f"{SFT}.resources.memory": "16 GB"}),
-    Case("cpu-lots", "schema", f"{GRPO}.resources.cpu", "not a Kubernetes quantity",
+    Case("cpu-lots", "cel", f"{GRPO}.resources.cpu", "not a Kubernetes quantity",
          {f"{GRPO}.resources.cpu": "lots"}),
     Case("cpu-fraction-as-number", "schema", f"{GRPO}.resources.cpu", "as a string",
          {f"{GRPO}.resources.cpu": 0.5}),

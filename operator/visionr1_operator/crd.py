@@ -56,6 +56,11 @@ def _dump(model: BaseModel) -> dict[str, Any]:
     return model.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
+# The only anyOf a structural schema may carry under x-kubernetes-int-or-string, branch
+# for branch (apiextensions-apiserver pkg/apiserver/schema/validation.go, intOrStringAnyOf).
+INT_OR_STRING_ANY_OF = [{"type": "integer"}, {"type": "string"}]
+
+
 class SchemaConversionError(Exception):
     """The pydantic schema uses a construct a structural schema cannot express."""
 
@@ -66,9 +71,14 @@ def structural(node: dict[str, Any], defs: dict[str, Any], path: str = "") -> di
     if node.get("default", 0) is None:
         node = {k: v for k, v in node.items() if k != "default"}
     if node.get("x-kubernetes-int-or-string"):
-        return _copy_keys(node, {"description", "default"}) | {
+        if node.get("anyOf") != INT_OR_STRING_ANY_OF:
+            raise SchemaConversionError(
+                f"{path}: an int-or-string node's anyOf must be exactly {INT_OR_STRING_ANY_OF} "
+                "(constraints go into x-kubernetes-validations)"
+            )
+        return _copy_keys(node, {"description", "default", "x-kubernetes-validations"}) | {
             "x-kubernetes-int-or-string": True,
-            "anyOf": node["anyOf"],
+            "anyOf": INT_OR_STRING_ANY_OF,
         }
     out = _copy_keys(node, _KEEP)
     if "const" in node:

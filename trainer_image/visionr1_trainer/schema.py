@@ -118,10 +118,17 @@ def _quantity(value: Any) -> str:
 Quantity = Annotated[
     str,
     BeforeValidator(_quantity),
-    # In the CRD: the structural form of Kubernetes' int-or-string quantities.
+    # In the CRD: the one anyOf a structural schema allows under int-or-string is exactly
+    # [{type: integer}, {type: string}] (apiextensions-apiserver's intOrStringAnyOf; a
+    # minimum or pattern inside a branch makes the whole CRD "not structural"), so the
+    # range and the quantity syntax are checked by a CEL rule on the node instead.
     WithJsonSchema({
         "x-kubernetes-int-or-string": True,
-        "anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": QUANTITY_PATTERN}],
+        "anyOf": [{"type": "integer"}, {"type": "string"}],
+        "x-kubernetes-validations": [CelRule(
+            rule=f"type(self) == int ? self >= 0 : self.matches('{QUANTITY_PATTERN}')",
+            message="must be a Kubernetes quantity such as '64Gi' or '500m', or a non-negative integer",
+        ).to_schema()],
     }),
 ]
 
