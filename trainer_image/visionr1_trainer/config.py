@@ -426,6 +426,11 @@ class GRPOSettings(Schema):
     rollout_backend: Literal["vllm", "hf"] = Field(
         default="vllm", description="Rollout engine: vllm (GPU) or hf (transformers, CPU or GPU)."
     )
+    vllm_gpu_memory_utilization: float = Field(
+        default=0.35, gt=0, le=0.95,
+        description="Share of each GPU the rank's colocated vLLM engine takes for weights and KV "
+        "cache while it samples (it sleeps, freeing both, while the policy trains).",
+    )
     max_prompt_length: int = Field(
         default=4096, ge=16, description="Prompt tokens kept (image tokens included)."
     )
