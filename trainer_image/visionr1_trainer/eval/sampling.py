@@ -207,6 +207,15 @@ class VLLMSampler:
         self.tokenizer, self.image_processor = load_processor_parts(processor_dir)
         self.banned = vision_token_ids(self.tokenizer)
         self.settings = settings
+        if processor_dir != model_dir:
+            # vLLM reads its image processor from the model directory, never from tokenizer=:
+            # serve it a directory of links to the weights beside the processor we encode with.
+            import tempfile
+
+            from ..grpo.vllm_rollout import stage_model_dir
+
+            model_dir = processor_dir = str(stage_model_dir(model_dir, self.tokenizer, self.image_processor,
+                                                            tempfile.mkdtemp(prefix="visionr1-eval-vllm-")))
         self.llm = LLM(**vllm_engine_kwargs(model_dir, processor_dir, dtype, settings.max_tokens,
                                             torch.cuda.device_count(), seed))
 
