@@ -29,8 +29,9 @@ class _WithFactoryDefaults(GenerateJsonSchema):
     """Also emit defaults that come from a ``default_factory``.
 
     The API server fills nested defaults only below objects that exist, so an object
-    field defaults to ``{}`` (the server then defaults its own fields) and the CEL rules
-    can read ``self.stages.bridge.enabled`` on a manifest that never mentions stages.
+    field defaults to its whole default value: the CEL rules can then read
+    ``self.stages.bridge.enabled`` on a manifest that never mentions stages, and the
+    default itself passes the rules when the server checks it at CRD creation.
     """
 
     def get_default_value(self, schema):
@@ -39,7 +40,10 @@ class _WithFactoryDefaults(GenerateJsonSchema):
             return super().get_default_value(schema)
         value = factory()
         if isinstance(value, BaseModel):
-            return {} if value == _all_defaults(type(value)) else _dump(value)
+            # Whole, not {}: the API server checks each default against the node's CEL
+            # rules without filling the nested defaults first, so a rule reading
+            # self.benchmarks refuses a default of {} ("no such key") and the CRD with it.
+            return _dump(value)
         if isinstance(value, list):
             return [_dump(v) if isinstance(v, BaseModel) else v for v in value]
         return value if value is not None else NoDefault

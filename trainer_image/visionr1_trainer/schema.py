@@ -126,7 +126,8 @@ Quantity = Annotated[
         "x-kubernetes-int-or-string": True,
         "anyOf": [{"type": "integer"}, {"type": "string"}],
         "x-kubernetes-validations": [CelRule(
-            rule=f"type(self) == int ? self >= 0 : self.matches('{QUANTITY_PATTERN}')",
+            # CEL string literals take backslash escapes: the regex's "\." is written "\\.".
+            rule=f"type(self) == int ? self >= 0 : self.matches('{QUANTITY_PATTERN.replace(chr(92), chr(92) * 2)}')",
             message="must be a Kubernetes quantity such as '64Gi' or '500m', or a non-negative integer",
         ).to_schema()],
     }),

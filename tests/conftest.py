@@ -1,0 +1,55 @@
+"""Shared fixtures. The one here: ``cluster``, a real control plane for tests marked ``cluster``.
+
+It is built and started once per test session (tests/cluster/: etcd, kube-apiserver,
+kube-controller-manager, kube-scheduler and kwok from pinned Go modules). Every
+``cluster`` test is put in one xdist group, so under ``pytest -n 2 --dist loadgroup``
+one worker runs them all against one control plane while the other runs the rest.
+
+Without Go the cluster tests are skipped with one loud line, unless
+``VISIONR1_REQUIRE_CLUSTER=1`` (CI sets it): then a missing or broken control plane
+fails the run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+CLUSTER_SRC = Path(__file__).resolve().parent / "cluster"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("cluster"):
+            item.add_marker(pytest.mark.xdist_group("cluster"))
+
+
+def _require() -> bool:
+    return os.environ.get("VISIONR1_REQUIRE_CLUSTER") == "1"
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    """A running control plane (``controlplane.ControlPlane``), stopped at session end."""
+    if shutil.which("go") is None and not _require():
+        line = "SKIPPED cluster tests: Go is not installed, so the real control plane cannot be built"
+        print(f"\n{'!' * len(line)}\n{line}\n{'!' * len(line)}", file=sys.stderr)
+        pytest.skip(line)
+    sys.path.insert(0, str(CLUSTER_SRC))
+    import controlplane
+
+    plane = controlplane.ControlPlane(tmp_path_factory.mktemp("cluster"),
+                                      nodes=int(os.environ.get("CLUSTER_NODES", "4")),
+                                      log=lambda line: print(line, file=sys.stderr))
+    try:
+        plane.start(timeout=float(os.environ.get("VISIONR1_CLUSTER_TIMEOUT", "240")))
+    except Exception as exc:  # a broken control plane is a failure, never a silent skip in CI
+        if _require():
+            pytest.fail(f"the test control plane did not start: {exc}", pytrace=False)
+        pytest.skip(f"the test control plane did not start: {exc}")
+    yield plane
+    plane.stop()
