@@ -37,7 +37,7 @@ from visionr1_trainer.config import GRPOStageConfig
 from visionr1_trainer.distributed import DistEnv
 from visionr1_trainer.grpo.algos import group_advantages, policy_loss
 from visionr1_trainer.grpo.batch import build_policy_batch, sequence_logprobs
-from visionr1_trainer.grpo.engine import make_engine
+from visionr1_trainer.grpo.engine import EngineSpec, FrozenModel, TorchEngine
 from visionr1_trainer.grpo.reward import hard_format_result_reward
 from visionr1_trainer.grpo.rollout import HFRollout, SamplingSettings
 from visionr1_trainer.grpo.trainer import GRPOState, grpo_step
@@ -138,9 +138,9 @@ def run_ours(model_dir: Path, problems, args):
                  "beta": args.beta, "rolloutBackend": "hf", "maxPromptLength": 128, "temperature": 1.0},
     })
     env = DistEnv(0, 1, 0, "cpu", None)
-    engine = make_engine(policy, env, args.lr, 0, "fp32", args.prompts * args.group, 1.0)
-    state = GRPOState(cfg, env, engine, reference if args.beta else None, tok, None,
-                      HFRollout(policy, tok), problems, tok.convert_tokens_to_ids(IMAGE_TOKEN))
+    engine = TorchEngine(policy, env, EngineSpec(0, "fp32", args.prompts * args.group, 1.0, args.lr))
+    state = GRPOState(cfg, env, engine, FrozenModel(reference) if args.beta else None, tok, None,
+                      HFRollout(engine, tok), problems, tok.convert_tokens_to_ids(IMAGE_TOKEN))
     torch.manual_seed(0)
     steps, lengths = [], []
     for step in range(args.steps + 1):
@@ -152,7 +152,7 @@ def run_ours(model_dir: Path, problems, args):
 
 def equal_loss_check(state: GRPOState, trainer, problems, args) -> dict:
     """Both objectives on one rollout with given old and reference log-probs."""
-    tok, policy = state.tokenizer, state.engine.module
+    tok, policy = state.tokenizer, state.engine
     prompts = encode_prompts(tok, None, [p.problem for p in problems[: args.prompts]], [[]] * args.prompts, 128)
     torch.manual_seed(1)
     rollout = HFRollout(policy, tok).generate(prompts, [0] * args.prompts, SamplingSettings(args.group, args.max_len))
@@ -172,7 +172,7 @@ def equal_loss_check(state: GRPOState, trainer, problems, args) -> dict:
             "completion_ids": batch.completion_ids, "completion_mask": batch.loss_mask,
             "advantages": advantages, "old_per_token_logps": old, "ref_per_token_logps": ref,
         }
-        trainer.model.load_state_dict(policy.state_dict())
+        trainer.model.load_state_dict(policy.full_state_dict())
         trainer.model.eval()
         theirs = trainer._compute_loss(trainer.model, trl_inputs)
         # The same objective on TRL's own log-probs: isolates the loss math from the

@@ -75,7 +75,7 @@ def grpo_config(tmp: Path, model_dir: Path, data: Path, stage: str = "ptst-1", i
                 init_uri: str | None = None, steps: int = 4, **grpo) -> dict:
     """A GRPO stage config document (the JSON the operator would render)."""
     settings = {
-        "learningRate": 1e-3, "rolloutBatchSize": 8, "microBatchSize": 64, "beta": 0.01,
+        "learningRate": 1e-3, "rolloutBatchSize": 8, "microBatchSize": 64, "beta": 0.01, "warmupSteps": 0,
         "maxPromptLength": 64, "rolloutBackend": "hf", "deepspeedZeroStage": 0, "saveEverySteps": 2,
         "temperature": 1.0, **grpo,
     }

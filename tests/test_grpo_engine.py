@@ -68,9 +68,9 @@ def test_two_ptst_stages_chain_through_committed_checkpoints(tmp_path, assets):
     source, policy, reference, _, _ = load_models(second, DistEnv(0, 1, 0, "cpu", None), tmp_path / "w")
     assert source == str(out / "model")
     trained, _, _ = load_vlm(str(out / "model"), "float32")
-    for (name, a), b in zip(policy.state_dict().items(), trained.state_dict().values()):
+    for (name, a), b in zip(policy.full_state_dict().items(), trained.state_dict().values()):
         assert torch.equal(a, b), name
-    assert reference is not None and not any(p.requires_grad for p in reference.parameters())
+    assert reference is not None and not any(p.requires_grad for p in reference._module.parameters())
     summary2 = run_grpo(second)
     assert summary2["step"] == 1 and (stage_dir(tmp_path, "ptst-2") / "model" / "_COMMITTED.json").exists()
     start = read_jsonl(stage_dir(tmp_path, "ptst-2") / "_work" / "metrics.jsonl", kind="start")[0]

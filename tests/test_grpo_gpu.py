@@ -38,7 +38,7 @@ def test_vllm_weights_follow_the_policy_after_sync(tmp_path, assets):
     pytest.importorskip("vllm")
     from visionr1_trainer.config import GRPOStageConfig
     from visionr1_trainer.distributed import DistEnv
-    from visionr1_trainer.grpo.engine import make_engine
+    from visionr1_trainer.grpo.engine import EngineSpec, TorchEngine
     from visionr1_trainer.grpo.rollout import HFRollout, SamplingSettings
     from visionr1_trainer.grpo.vllm_rollout import VLLMRollout
     from visionr1_trainer.models.loading import load_vlm
@@ -48,7 +48,7 @@ def test_vllm_weights_follow_the_policy_after_sync(tmp_path, assets):
     cfg = GRPOStageConfig.model_validate(grpo_config(tmp_path, *assets))
     model, tok, ip = load_vlm(str(assets[0]), "float32", device="cuda:0")
     env = DistEnv(0, 1, 0, "cuda:0", None)
-    engine = make_engine(model, env, 1e-3, 0, "fp32", 8, 1.0)
+    engine = TorchEngine(model, env, EngineSpec(0, "fp32", 8, 1.0, 1e-3))
     with torch.no_grad():  # move the policy away from the weights vLLM loaded
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
@@ -57,5 +57,5 @@ def test_vllm_weights_follow_the_policy_after_sync(tmp_path, assets):
     enc = encode_prompts(tok, ip, ["What color is the image?"], [[Image.new("RGB", (56, 56), "red")]], 64)
     greedy = SamplingSettings(1, 16, temperature=0.0)
     ours = vllm.generate(enc, [1], greedy).completion_ids[0].tolist()
-    theirs = HFRollout(model, tok).generate(enc, [1], SamplingSettings(1, 16, temperature=1e-5)).completion_ids[0].tolist()
+    theirs = HFRollout(engine, tok).generate(enc, [1], SamplingSettings(1, 16, temperature=1e-5)).completion_ids[0].tolist()
     assert ours[:8] == theirs[:8]

@@ -56,12 +56,18 @@ def test_micro_batch_accumulation_equals_the_full_batch_loss(aggregation):
 
 
 def test_deepspeed_config_zero3():
-    cfg = deepspeed_config(3, "bf16", micro_batch_size=1, gradient_accumulation_steps=8, max_grad_norm=1.0, world_size=16)
-    assert cfg["train_batch_size"] == 128 and cfg["zero_optimization"]["stage"] == 3
-    assert cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"]
-    assert cfg["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    cfg = deepspeed_config(3, "bf16", micro_batch_size=1, max_grad_norm=1.0, world_size=16, hidden_size=3584)
+    # The caller owns accumulation (boundary and weighting): DeepSpeed counts 1 micro-batch.
+    assert cfg["gradient_accumulation_steps"] == 1 and cfg["train_batch_size"] == 16
+    assert cfg["zero_optimization"]["stage"] == 3
+    assert cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"] and cfg["data_types"]["grad_accum_dtype"] == "fp32"
+    # transformers' numbers for "auto", which DeepSpeed itself does not accept
+    assert cfg["zero_optimization"]["stage3_param_persistence_threshold"] == 35840
+    assert cfg["zero_optimization"]["reduce_bucket_size"] == 3584 * 3584
+    assert "auto" not in str(cfg)
+    assert deepspeed_config(2, "bf16", 1, 1.0, 16, 3584, train=False)["zero_optimization"]["stage"] == 0
     with pytest.raises(ValueError):
-        deepspeed_config(0, "bf16", 1, 1, 1.0, 1)
+        deepspeed_config(0, "bf16", 1, 1.0, 1, 64)
 
 
 @pytest.fixture(scope="module")

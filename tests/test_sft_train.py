@@ -15,7 +15,8 @@ from visionr1_trainer.data.synthetic import generate, tokenizer_corpus
 from visionr1_trainer.distributed import DistEnv
 from visionr1_trainer.models.loading import load_vlm
 from visionr1_trainer.models.vlm import IMAGE_TOKEN
-from visionr1_trainer.runtime import StageStopped
+from visionr1_trainer.grpo.engine import make_engine
+from visionr1_trainer.runtime import StageStopped, UnusableSetting
 from visionr1_trainer.sft import train
 from visionr1_trainer.sft.data import IGNORE_INDEX, build_training_data, collate, load_group
 
@@ -56,7 +57,7 @@ def test_token_loss_sum_counts_only_labelled_next_tokens():
 def test_loss_falls_on_a_fixed_batch(tiny_model, synthetic):
     from visionr1_trainer.config import DatasetRef
     from visionr1_trainer.data import read_cold
-    from visionr1_trainer.grpo.engine import TorchEngine
+    from visionr1_trainer.grpo.engine import EngineSpec, TorchEngine
 
     model, tokenizer, processor = load_vlm(str(tiny_model), "float32", "sdpa", "cpu")
     examples = read_cold(DatasetRef(source=str(synthetic.cold_start))).items[:4]
@@ -64,7 +65,7 @@ def test_loss_falls_on_a_fixed_batch(tiny_model, synthetic):
     batch = collate([load_group(data.group(i), processor) for i in range(4)], tokenizer.pad_token_id,
                     tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
     torch.manual_seed(0)
-    engine = TorchEngine(model, torch.optim.AdamW(model.parameters(), lr=3e-3), CPU, 1.0)
+    engine = TorchEngine(model, CPU, EngineSpec(0, "fp32", 4, 1.0, 3e-3))
     losses = [train.train_step(engine, [batch], CPU, lr=3e-3)["loss"] for _ in range(30)]
     assert losses[-1] < 0.5 * losses[0], losses
     assert all(math_finite(x) for x in losses)
@@ -132,8 +133,8 @@ def test_sft_reads_the_bridge_stage_output(tiny_model, synthetic, tmp_path):
 
 def test_fp16_without_deepspeed_is_refused(tiny_model, synthetic, tmp_path):
     config = sft_config(tmp_path, tiny_model, {"data": {"source": str(synthetic.cold_start)}}, precision="fp16")
-    with pytest.raises(ValueError, match="sft.precision: fp16 needs DeepSpeed"):
-        train.make_sft_engine(torch.nn.Linear(2, 2), config, CPU)
+    with pytest.raises(UnusableSetting, match="precision fp16 needs DeepSpeed's loss scaling \\(sft.deepspeedZeroStage"):
+        make_engine(lambda: torch.nn.Linear(2, 2), lambda: None, CPU, train.engine_spec(config, CPU))
 
 
 @pytest.mark.gpu

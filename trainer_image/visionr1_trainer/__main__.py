@@ -24,6 +24,7 @@ from .runtime import (
     EXIT_OK,
     EXIT_STOPPED,
     StageStopped,
+    UnusableSetting,
     install_signal_handlers,
     setup_logging,
     write_termination_message,
@@ -61,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("stopped on request; progress up to the last checkpoint is committed")
     except KeyboardInterrupt:
         status, summary = EXIT_STOPPED, {"stopped": True}
+    except UnusableSetting as exc:  # retrying cannot help: the config asks for what cannot run here
+        print(f"error: {exc}", file=sys.stderr)
+        status, summary = EXIT_BAD_CONFIG, {"error": str(exc)[:1000]}
     except Exception as exc:  # the stage failed: say why, in the log and in the summary
         traceback.print_exc()
         status, summary = EXIT_FAILED, {"error": f"{type(exc).__name__}: {exc}"[:1000]}

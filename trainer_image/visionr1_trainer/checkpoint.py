@@ -2,12 +2,16 @@
 
 Layout under a stage's ``output_uri``:
 
-    checkpoints/step-00000020/   model weights, optimizer + scheduler state, RNG, step
+    checkpoints/step-00000020/   model weights, replicated optimizer state, rank 0's RNG, step
+    shards/step-00000020/rank-00001/   one rank's own state: its RNG and, under ZeRO, its
+                                  optimizer partition (fp32 master weights, Adam moments)
     model/                        the final model in Hugging Face format (the next stage's input)
 
 Each is an artifact: visible only once its commit marker is written, so a stage killed
-mid-save resumes from the previous checkpoint, never from a torn one. Only rank 0 of a
-distributed stage writes (every rank holds the same replicated weights under DDP).
+mid-save resumes from the previous checkpoint, never from a torn one. Every rank commits
+its shard first; after a barrier rank 0 commits the checkpoint itself, last, so a
+committed checkpoint always has all its shards. Trainer state is saved in forms that
+``torch.load(..., weights_only=True)`` reads (tensors, numbers, strings, containers).
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ from .config import StorageSpec
 from .storage import LocalStore, Store, StorageError, open_store
 
 CHECKPOINTS = "checkpoints"
+SHARDS = "shards"
 MODEL = "model"
 STATE_FILE = "trainer_state.pt"
+RANK_FILE = "rank_state.pt"
 
 
 def open_stage_store(uri: str, storage: StorageSpec) -> Store:
@@ -34,14 +40,21 @@ def checkpoint_name(step: int) -> str:
     return f"{CHECKPOINTS}/step-{step:08d}"
 
 
+def shard_name(step: int, rank: int) -> str:
+    return f"{SHARDS}/step-{step:08d}/rank-{rank:05d}"
+
+
 # --- RNG state: restored on resume so a resumed run samples what an unbroken one would ---
 
 
 def rng_state() -> dict[str, Any]:
+    """This process's RNG states as tensors, numbers and tuples (``weights_only`` loads them)."""
     import numpy as np
     import torch
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                   int(has_gauss), float(cached)), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -51,11 +64,27 @@ def set_rng_state(state: dict[str, Any]) -> None:
     import numpy as np
     import torch
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    random.setstate(_tuples(state["python"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuples(value):
+    """Python's ``random.setstate`` wants tuples where a round trip may give lists."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+class _OptimizerState:
+    """A saved optimizer state with the ``state_dict()`` call ``save_training_state`` makes."""
+
+    def __init__(self, state: dict[str, Any]):
+        self.state = state
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state
 
 
 # --- the manager ---------------------------------------------------------------------------
@@ -115,7 +144,68 @@ class CheckpointManager:
     def prune(self) -> None:
         names = self.store.list_committed(CHECKPOINTS)
         for name in names[: max(0, len(names) - self.keep_last)]:
-            self.store.delete(name)
+            self.store.delete(name)  # the checkpoint's marker goes first: its shards are then unused
+            for shard in self.store.list_committed(f"{SHARDS}/{name.rsplit('/', 1)[1]}"):
+                self.store.delete(shard)
+
+    def save_ranked(self, step: int, engine, env, extra_files: dict[str, Path] | None = None) -> str | None:
+        """Every rank's part of checkpoint ``step``; a collective (every rank calls it).
+
+        Each rank commits its shard (RNG, and its ZeRO optimizer partition), then rank 0
+        commits the checkpoint (weights, step, a replicated optimizer), marker last.
+        Returns the checkpoint's URI on rank 0, None elsewhere.
+        """
+        import torch
+
+        from .distributed import barrier
+
+        weights = engine.full_state_dict()  # a collective under ZeRO-3
+        shard = {"rng": rng_state(),
+                 "optimizer": None if engine.optimizer_state_replicated else engine.optimizer_state()}
+        self.commit(shard_name(step, env.rank), lambda d: torch.save(shard, d / RANK_FILE),
+                    {"step": step, "rank": env.rank})
+        barrier(env)  # every shard is committed before the checkpoint that relies on them
+        uri = None
+        if env.is_main:
+            optimizer = _OptimizerState(engine.optimizer_state()) if engine.optimizer_state_replicated else None
+            uri = self.save(step, engine, optimizer, extra={"world_size": env.world_size, **engine.describe()},
+                            extra_files=extra_files, state_dict=weights)
+        barrier(env)
+        return uri
+
+    def load_ranked(self, found: tuple[str, Path], engine, env) -> int:
+        """Restore what ``save_ranked`` committed into a freshly built engine; returns the step.
+
+        The weights were loaded with the model. Each rank restores its own RNG and (ZeRO)
+        its own optimizer partition; a replicated optimizer comes from the checkpoint.
+        """
+        name, directory = found
+        state = _load(directory / STATE_FILE)
+        saved_world = (state.get("extra") or {}).get("world_size", env.world_size)
+        if saved_world != env.world_size:
+            raise StorageError(f"{name} was saved by {saved_world} ranks; this stage runs {env.world_size} "
+                               f"(ZeRO partitions and per-rank RNG cannot be re-split)")
+        if engine.optimizer_state_replicated and state.get("optimizer") is not None:
+            engine.load_optimizer_state(state["optimizer"])
+        step = int(state["step"])
+        shard_dir = self._fetch(shard_name(step, env.rank))
+        if shard_dir is None:  # a checkpoint from before shards: rank 0's RNG, fresh ZeRO moments
+            set_rng_state(state["rng"])
+            return step
+        shard = _load(shard_dir / RANK_FILE)
+        if shard.get("optimizer") is not None:
+            engine.load_optimizer_state(shard["optimizer"])
+        set_rng_state(shard["rng"])
+        return step
+
+    def _fetch(self, name: str) -> Path | None:
+        if not self.store.is_committed(name):
+            return None
+        if isinstance(self.store, LocalStore):
+            return self.store.local_path(name)
+        local = self.work_dir / "restore" / name.replace("/", "_")
+        shutil.rmtree(local, ignore_errors=True)
+        return self.store.fetch_dir(name, local)
 
     def restore_dir(self) -> tuple[str, Path] | None:
         """The newest committed checkpoint as a local directory (None when there is none)."""
@@ -190,15 +280,33 @@ def load_training_state(directory: Path, model, optimizer, scheduler=None) -> tu
 
 def load_trainer_state(directory: Path, optimizer, scheduler=None) -> tuple[int, dict]:
     """Everything but the weights (loaded with ``from_pretrained(directory / "model")``)."""
-    import torch
-
-    state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
+    state = _load(directory / STATE_FILE)
     if optimizer is not None and state.get("optimizer") is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return int(state["step"]), state.get("extra") or {}
+
+
+def _load(path: Path) -> dict[str, Any]:
+    """A trainer state file, read with ``weights_only=True`` (no arbitrary objects).
+
+    DeepSpeed's ZeRO optimizer states carry a few plain classes of its own (its loss
+    scaler, parameter fragment addresses); those are allowed by name, nothing else.
+    """
+    import torch
+
+    with torch.serialization.safe_globals(_deepspeed_state_classes()):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _deepspeed_state_classes() -> list:
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    except Exception:  # DeepSpeed absent: its states cannot occur
+        return []
+    return [LossScaler, DynamicLossScaler]
 
 
 # --- where a stage's model comes from ---------------------------------------------------------

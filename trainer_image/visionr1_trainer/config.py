@@ -333,6 +333,34 @@ class BridgeSettings(Schema):
     seed: int = Field(default=0, ge=0, description="Sampling seed.")
 
 
+# Sequences at least this long train with activation checkpointing under "auto": the
+# paper's SFT cutoff (16K) and PTST budgets (4K, 8K) are; the tiny CPU demo's are not.
+AUTO_CHECKPOINTING_TOKENS = 2048
+
+ActivationCheckpointing = Literal["auto", "on", "off"]
+
+
+def activation_checkpointing_on(setting: str, sequence_tokens: int) -> bool:
+    """Whether a stage recomputes activations in backward: ``on``, ``off``, or ``auto`` by length."""
+    return setting == "on" or (setting == "auto" and sequence_tokens >= AUTO_CHECKPOINTING_TOKENS)
+
+
+def _activation_checkpointing_field():
+    return Field(
+        default="auto",
+        description="Recompute each layer's activations in backward instead of keeping them "
+        f"(memory for time): on, off, or auto (on when a sequence can reach {AUTO_CHECKPOINTING_TOKENS} tokens).",
+    )
+
+
+def _collective_timeout_field():
+    return Field(
+        default=60.0, gt=0, le=1440,
+        description="Minutes a rank waits in a collective (barrier, all-reduce) before failing; "
+        "longer than a checkpoint upload, which the other ranks wait for.",
+    )
+
+
 class SFTSettings(Schema):
     """Cold-start supervised fine-tuning (defaults from the paper)."""
 
@@ -359,8 +387,12 @@ class SFTSettings(Schema):
         default="bf16", description="Training precision."
     )
     deepspeed_zero_stage: Literal[0, 1, 2, 3] = Field(
-        default=3, description="DeepSpeed ZeRO stage on GPUs (0 disables DeepSpeed)."
+        default=3,
+        description="DeepSpeed ZeRO stage, on GPUs or CPU ranks (0: plain torch data parallelism). "
+        "A stage where DeepSpeed cannot run exits 2.",
     )
+    activation_checkpointing: ActivationCheckpointing = _activation_checkpointing_field()
+    collective_timeout_minutes: float = _collective_timeout_field()
     packing: bool = Field(default=False, description="Pack several samples per sequence.")
     freeze_vision_tower: bool = Field(
         default=False, description="Keep the vision encoder frozen during SFT."
@@ -435,9 +467,18 @@ class GRPOSettings(Schema):
         default=4096, ge=16, description="Prompt tokens kept (image tokens included)."
     )
     max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient clipping norm.")
-    deepspeed_zero_stage: Literal[0, 1, 2, 3] = Field(
-        default=3, description="DeepSpeed ZeRO stage on GPUs (0 disables DeepSpeed)."
+    warmup_steps: int = Field(
+        default=5, ge=0, le=100_000,
+        description="Optimizer steps of each PTST stage over which the learning rate rises "
+        "linearly to learningRate (step s uses (s + 1) / warmupSteps of it), then stays constant.",
     )
+    deepspeed_zero_stage: Literal[0, 1, 2, 3] = Field(
+        default=3,
+        description="DeepSpeed ZeRO stage, on GPUs or CPU ranks (0: plain torch data parallelism). "
+        "A stage where DeepSpeed cannot run exits 2.",
+    )
+    activation_checkpointing: ActivationCheckpointing = _activation_checkpointing_field()
+    collective_timeout_minutes: float = _collective_timeout_field()
     save_every_steps: int = Field(
         default=20, ge=1, description="Commit a resumable checkpoint every N steps."
     )
@@ -450,6 +491,18 @@ class GRPOSettings(Schema):
             ".miniBatchSize",
         ),
     )
+
+    def rank_split_problems(self, world_size: int) -> list[tuple[str, str]]:
+        """Fields whose prompts do not split evenly over ``world_size`` ranks.
+
+        Every rank must run the same number of forward passes: under ZeRO-3 each is a
+        collective, and a rank with fewer rows would wait for the others forever.
+        """
+        problems = []
+        for field, value in (("rolloutBatchSize", self.rollout_batch_size), ("miniBatchSize", self.mini_batch_size)):
+            if value is not None and value % world_size:
+                problems.append((field, f"{value} prompts do not split evenly over {world_size} ranks"))
+        return problems
 
     @model_validator(mode="after")
     def _mini_batch(self) -> GRPOSettings:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from datetime import timedelta
+from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
@@ -29,8 +30,13 @@ class DistEnv:
         return self.rank == 0
 
 
-def init_distributed() -> DistEnv:
-    """Join the process group torchrun describes (gloo on CPU, NCCL on GPU), if any."""
+def init_distributed(timeout_minutes: float = 60.0) -> DistEnv:
+    """Join the process group torchrun describes (gloo on CPU, NCCL on GPU), if any.
+
+    ``timeout_minutes`` bounds every collective: ranks wait that long at a barrier while
+    rank 0 uploads a checkpoint, so it must outlast the largest upload (NCCL's default
+    10 minutes does not for a 7B checkpoint).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -42,7 +48,8 @@ def init_distributed() -> DistEnv:
         return DistEnv(0, 1, 0, device, None)
     backend = "nccl" if cuda else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world,
+                                timeout=timedelta(minutes=timeout_minutes))
     return DistEnv(rank, world, local_rank, device, backend)
 
 
@@ -53,6 +60,15 @@ def all_reduce_mean(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
     out = value.detach().clone().to(env.device if env.backend == "nccl" else "cpu")
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out / env.world_size
+
+
+def all_reduce_max(value: int, env: DistEnv) -> int:
+    """The largest of an integer over ranks (itself for a single process)."""
+    if env.backend is None:
+        return value
+    out = torch.tensor([value], dtype=torch.long, device=env.device if env.backend == "nccl" else "cpu")
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return int(out.item())
 
 
 def average_gradients(parameters, env: DistEnv) -> None:
@@ -97,55 +113,63 @@ def deepspeed_config(
     zero_stage: int,
     precision: str,
     micro_batch_size: int,
-    gradient_accumulation_steps: int,
     max_grad_norm: float,
     world_size: int,
+    hidden_size: int,
+    train: bool = True,
+    overlap_comm: bool = False,
 ) -> dict[str, Any]:
-    """A DeepSpeed config for one training stage (ZeRO-3 for 7B and larger).
+    """A DeepSpeed config for one training stage (ZeRO-3 for 7B and larger), or for a
+    frozen model (``train=False``: the KL reference, partitioned under ZeRO-3 only).
 
-    Parameters are partitioned (stage 3) with overlapped communication; the 16-bit
-    weights are gathered on save so the committed model loads with ``from_pretrained``.
+    The caller owns gradient accumulation: it weights each micro-batch's loss and marks
+    the boundary (``set_gradient_accumulation_boundary``), so DeepSpeed's own count is 1
+    and ``train_batch_size`` is only its bookkeeping. The ZeRO-3 bucket sizes are the
+    numbers transformers' integration derives from the hidden size for "auto"
+    (DeepSpeed itself accepts no "auto"). bf16 accumulates gradients in fp32 and keeps
+    fp32 master weights and optimizer state in the ZeRO optimizer.
     """
     if zero_stage not in (1, 2, 3):
         raise ValueError(f"deepspeed zero stage must be 1, 2 or 3, got {zero_stage}")
+    stage = zero_stage if train or zero_stage == 3 else 0
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
-        "gradient_accumulation_steps": gradient_accumulation_steps,
-        "train_batch_size": micro_batch_size * gradient_accumulation_steps * world_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": micro_batch_size * world_size,
         "gradient_clipping": max_grad_norm,
         "zero_optimization": {
-            "stage": zero_stage,
-            "overlap_comm": True,
+            "stage": stage,
+            "overlap_comm": overlap_comm,  # GPUs: reduce on a side stream; CPU ranks have none
             "contiguous_gradients": True,
-            "reduce_bucket_size": "auto" if zero_stage == 3 else 5e8,
+            "reduce_bucket_size": hidden_size * hidden_size if stage == 3 else 5e8,
         },
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 1_000_000,  # our own metrics report progress
         "wall_clock_breakdown": False,
     }
-    if zero_stage == 3:
+    if precision == "bf16":
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+    if stage == 3:
         config["zero_optimization"] |= {
-            "stage3_gather_16bit_weights_on_model_save": True,
-            "stage3_prefetch_bucket_size": "auto",
-            "stage3_param_persistence_threshold": "auto",
+            "stage3_gather_16bit_weights_on_model_save": False,  # we gather per parameter ourselves
+            "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+            "stage3_param_persistence_threshold": 10 * hidden_size,
         }
-        # "auto" values are filled in by transformers' HfDeepSpeedConfig from the model's
-        # hidden size; without it DeepSpeed wants numbers.
     return config
 
 
-def parameter_fingerprint(model: torch.nn.Module) -> torch.Tensor:
-    """(num_tensors, 2) float64: each parameter's sum and sum of squares.
+def parameter_fingerprint(parameters: Iterable[torch.Tensor]) -> torch.Tensor:
+    """(num_tensors, 2) float64: each tensor's sum and sum of squares.
 
     Cheap to compare across ranks; any rank that stepped differently changes it.
     """
-    rows = [torch.stack([p.detach().double().sum(), p.detach().double().pow(2).sum()]) for p in model.parameters()]
+    rows = [torch.stack([p.detach().double().sum(), p.detach().double().pow(2).sum()]) for p in parameters]
     return torch.stack(rows).cpu()
 
 
-def verify_replicas_identical(model: torch.nn.Module, env: DistEnv) -> bool:
-    """True when every rank holds exactly rank 0's parameters; raises when they diverged.
+def replicas_identical(mine: torch.Tensor, env: DistEnv) -> bool:
+    """True when every rank's fingerprint equals rank 0's; raises when they diverged.
 
     Data-parallel training relies on identical replicas: a rank that drifted (a missed
     all-reduce, nondeterministic kernels applied unevenly) would silently train a
@@ -153,13 +177,23 @@ def verify_replicas_identical(model: torch.nn.Module, env: DistEnv) -> bool:
     """
     if env.backend is None:
         return True
-    mine = parameter_fingerprint(model)
     gathered = [torch.zeros_like(mine) for _ in range(env.world_size)]
     dist.all_gather(gathered, mine if env.backend == "gloo" else mine.to(env.device))
     diverged = [r for r, other in enumerate(gathered) if not torch.equal(other.cpu(), gathered[0].cpu())]
     if diverged:
         raise RuntimeError(f"ranks {diverged} hold different parameters from rank 0")
     return True
+
+
+def verify_replicas_identical(model: torch.nn.Module, env: DistEnv) -> bool:
+    """``replicas_identical`` for a replicated module's parameters."""
+    return replicas_identical(parameter_fingerprint(model.parameters()), env)
+
+
+def collective_timeout(config) -> float:
+    """The stage's ``collectiveTimeoutMinutes`` (SFT and GRPO settings), else 60."""
+    settings = getattr(config, "sft", None) or getattr(config, "grpo", None)
+    return float(getattr(settings, "collective_timeout_minutes", 60.0))
 
 
 def run_on_ranks(config, train_stage):
@@ -172,7 +206,7 @@ def run_on_ranks(config, train_stage):
     from .metrics import METRICS_LOG, StageMetrics
     from .runtime import work_dir
 
-    env = init_distributed()
+    env = init_distributed(collective_timeout(config))
     work = work_dir(config)
     work.mkdir(parents=True, exist_ok=True)
     metrics = StageMetrics(config.run, config.stage, config.metrics_port if env.is_main else 0,

@@ -24,6 +24,13 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG, EXIT_STOPPED = 0, 1, 2, 143
 _stop = threading.Event()
 
 
+class UnusableSetting(Exception):
+    """A setting this machine cannot run (DeepSpeed missing for a ZeRO stage...): exit 2.
+
+    The message names the field. A stage never swaps a setting for another silently.
+    """
+
+
 class StageStopped(Exception):
     """Raised by a stage that stopped early on request, after committing its progress."""
 

@@ -7,7 +7,7 @@ micro-batch is any subset of rows.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
@@ -15,7 +15,7 @@ import torch
 from ..models.vlm import EncodedPrompts, mm_token_types
 from .algos import token_logprobs, token_logprobs_and_entropy
 from .rollout import Rollout, vision_token_ids
-from .sampler import prefix_position_ids
+from .sampler import prefix_position_ids, rope_deltas
 
 
 @dataclass
@@ -115,6 +115,9 @@ def sequence_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (and entropies) of the completion tokens of ``rows``: ``(b, T)`` each.
 
+    ``model`` is what runs the forward: one of our engines (the policy, the frozen
+    reference), never a module taken out of one.
+
     With ``shared_prefix`` each distinct prompt of ``rows`` (and its images) goes through
     the model once and its KV cache is repeated for its rows, as the sampler does:
     gradients flow back through the shared prefix, so the result and its gradient equal
@@ -155,7 +158,7 @@ def _prefix_shared_logits(model, batch: PolicyBatch, rows: list[int], device: st
     index = torch.tensor([where[p] for p in owners], device=device)
     cache = prefix.past_key_values
     cache.reorder_cache(index)  # differentiable index_select: gradients reach the prefix
-    deltas = getattr(getattr(model, "model", None), "rope_deltas", None)
+    deltas = rope_deltas(model)
     prompt_mask = sub.attention_mask.to(device).index_select(0, index)
     completion = batch.completion_ids[rows].to(device)
     T = completion.shape[1]
@@ -175,10 +178,14 @@ def _prefix_shared_logits(model, batch: PolicyBatch, rows: list[int], device: st
 
 def _select_prompts(prompts: EncodedPrompts, keep: list[int]) -> EncodedPrompts:
     """The rows ``keep`` of an encoded prompt batch, with their images, trimmed of shared padding."""
-    idx = torch.tensor(keep)
-    ids, mask = prompts.input_ids[idx], prompts.attention_mask[idx]
-    pad = int((mask.sum(dim=0) == 0).sum())  # columns that are padding in every kept row (left)
-    ids, mask = ids[:, pad:], mask[:, pad:]
+    sub = _index_prompts(prompts, keep)
+    pad = int((sub.attention_mask.sum(dim=0) == 0).sum())  # columns that are padding in every kept row (left)
+    return replace(sub, input_ids=sub.input_ids[:, pad:], attention_mask=sub.attention_mask[:, pad:])
+
+
+def _index_prompts(prompts: EncodedPrompts, keep: list[int]) -> EncodedPrompts:
+    """The rows ``keep`` (repeats allowed) of an encoded prompt batch, with their images."""
+    idx = torch.tensor(keep, dtype=torch.long)
     pixels = grid = None
     counts = [len(images) for images in prompts.images] or [0] * prompts.input_ids.shape[0]
     per_prompt = _per_prompt_vision(prompts, counts)
@@ -186,7 +193,33 @@ def _select_prompts(prompts: EncodedPrompts, keep: list[int]) -> EncodedPrompts:
     if chosen:
         pixels = torch.cat([c[0] for c in chosen])
         grid = torch.cat([c[1] for c in chosen])
-    return EncodedPrompts(ids, mask, pixels, grid, list(keep))
+    images = [prompts.images[i] for i in keep] if prompts.images else []
+    return EncodedPrompts(prompts.input_ids[idx], prompts.attention_mask[idx], pixels, grid, list(keep),
+                          images=images)
+
+
+def pad_groups(batch: PolicyBatch, advantages: torch.Tensor, groups: int) -> tuple[PolicyBatch, torch.Tensor]:
+    """Append ``groups`` copies of the first group that train on nothing (loss mask 0).
+
+    Under ZeRO every forward and backward is a collective, so every rank must run the
+    same number of micro-batches; a rank whose prompts were dropped as too long evens
+    up with rows that add exactly zero to the loss and its gradient (``aggregation_weight``
+    counts only rows with tokens). ``advantages``: ``(B,)`` -> ``(B + groups * G,)``.
+    """
+    if groups <= 0:
+        return batch, advantages
+    size, prompts = batch.group_size, batch.prompts
+    rows = list(range(batch.rows)) + [r % size for r in range(groups * size)]
+    idx = torch.tensor(rows, dtype=torch.long)
+    loss_mask = batch.loss_mask[idx].clone()
+    loss_mask[batch.rows:] = 0
+    if prompts is not None:
+        prompts = _index_prompts(prompts, list(range(prompts.input_ids.shape[0])) + [0] * groups)
+    padded = replace(batch, input_ids=batch.input_ids[idx], attention_mask=batch.attention_mask[idx],
+                     completion_ids=batch.completion_ids[idx], loss_mask=loss_mask,
+                     pixel_rows=[batch.pixel_rows[r] for r in rows], grid_rows=[batch.grid_rows[r] for r in rows],
+                     prompts=prompts)
+    return padded, torch.cat([advantages, advantages.new_zeros(groups * size)])
 
 
 def micro_batches(rows: Sequence[int], size: int) -> list[list[int]]:

@@ -3,7 +3,9 @@
 One interface, two backends:
 - ``HFRollout``: a transformers model with a KV cache shared by each prompt's group
   (``sampler.py``), CPU or GPU, on the policy being trained itself, so its weights are
-  always current.
+  always current. It samples inside ``engine.gathered_for_generation()``: under ZeRO-3
+  the weights are gathered once per rollout and the per-token forwards are local, so
+  ranks that stop at different lengths never wait on each other.
 - ``VLLMRollout`` (``vllm_rollout.py``): a colocated vLLM engine on the stage's GPUs whose
   weights are refreshed from the policy after every optimizer step.
 
@@ -56,7 +58,8 @@ class Rollout:
 
 
 class RolloutBackend(Protocol):
-    def generate(self, prompts: EncodedPrompts, images_per_prompt: list[int], sampling: SamplingSettings) -> Rollout: ...
+    def generate(self, prompts: EncodedPrompts, images_per_prompt: list[int], sampling: SamplingSettings,
+                 step: int | None = None) -> Rollout: ...
 
     def sync_weights(self, engine) -> None:
         """Make the sampler's weights equal the policy's (after an optimizer step)."""
@@ -99,24 +102,22 @@ class HFRollout:
     cache is shared by the group, where ``generate`` would encode every copy.
     """
 
-    def __init__(self, model, tokenizer, image_token_id: int | None = None):
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, engine, tokenizer, image_token_id: int | None = None):
+        self.engine, self.tokenizer = engine, tokenizer
         self.suppress = vision_token_ids(tokenizer)
         self.image_token_id = image_token_id if image_token_id is not None else tokenizer.convert_tokens_to_ids(
             "<|image_pad|>"
         )
 
-    def generate(self, prompts: EncodedPrompts, images_per_prompt: list[int], sampling: SamplingSettings) -> Rollout:
-        was_training = self.model.training
-        self.model.eval()
-        try:
+    def generate(self, prompts: EncodedPrompts, images_per_prompt: list[int], sampling: SamplingSettings,
+                 step: int | None = None) -> Rollout:
+        """``step`` is unused: sampling draws from this rank's torch RNG, restored on resume."""
+        with self.engine.gathered_for_generation() as model:  # eval mode; ZeRO-3: gathered once
             ids, _, seconds = generate_groups(
-                self.model, prompts, sampling.num_generations, sampling.max_completion_length,
+                model, prompts, sampling.num_generations, sampling.max_completion_length,
                 sampling.temperature, sampling.top_p, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id,
                 self.image_token_id, self.suppress,
             )
-        finally:
-            self.model.train(was_training)
         return finish_rollout(ids, self.tokenizer, sampling.max_completion_length, seconds)
 
     def sync_weights(self, engine) -> None:
@@ -126,14 +127,14 @@ class HFRollout:
 ROLLOUT_BACKENDS = ("hf", "vllm")
 
 
-def make_rollout(name: str, policy, tokenizer, env, config) -> RolloutBackend:
-    """The rollout backend a stage config names."""
+def make_rollout(name: str, engine, tokenizer, env, config) -> RolloutBackend:
+    """The rollout backend a stage config names, sampling from ``engine``'s policy."""
     if name == "hf":
-        return HFRollout(policy, tokenizer)
+        return HFRollout(engine, tokenizer)
     if name == "vllm":
         if not env.device.startswith("cuda"):
             raise RuntimeError("rolloutBackend 'vllm' needs a CUDA GPU; use 'hf' on CPU")
         from .vllm_rollout import VLLMRollout
 
-        return VLLMRollout(policy, tokenizer, env, config)
+        return VLLMRollout(engine, tokenizer, env, config)
     raise ValueError(f"unknown rollout backend {name!r}; valid: {', '.join(ROLLOUT_BACKENDS)}")

@@ -36,9 +36,21 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float) -> torch
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1).squeeze(-1)
 
 
-def _rope_deltas(model) -> torch.Tensor | None:
-    inner = getattr(model, "model", None)
-    return getattr(inner, "rope_deltas", None)
+def rope_deltas(model) -> torch.Tensor | None:
+    """``(B, 1)`` Qwen-VL rope deltas the last prefill left, or None.
+
+    ``model`` is a transformers module (inside ``gathered_for_generation``) or one of
+    our engines, which expose the same reading without exposing their module.
+    """
+    if hasattr(type(model), "rope_deltas"):
+        return model.rope_deltas
+    return getattr(getattr(model, "model", None), "rope_deltas", None)
+
+
+def computes_own_positions(model) -> bool:
+    if hasattr(type(model), "computes_own_positions"):
+        return model.computes_own_positions
+    return hasattr(getattr(model, "model", None), "rope_deltas")
 
 
 def prefix_position_ids(model, attention_mask: torch.Tensor) -> torch.Tensor | None:
@@ -48,7 +60,7 @@ def prefix_position_ids(model, attention_mask: torch.Tensor) -> torch.Tensor | N
     tokens): None. Other causal LMs would number the padding too when given no
     positions, and then disagree with the pad-free positions of the tokens that follow.
     """
-    if hasattr(getattr(model, "model", None), "rope_deltas"):
+    if computes_own_positions(model):
         return None
     return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
 
@@ -80,7 +92,7 @@ def generate_groups(
     rows = inputs["input_ids"].shape[0] * group_size
     attention = inputs["attention_mask"].repeat_interleave(group_size, dim=0)
     real_len = attention.sum(dim=1)  # prompt tokens, padding excluded
-    deltas = _rope_deltas(model)
+    deltas = rope_deltas(model)
     deltas = deltas.to(device).repeat_interleave(group_size, dim=0).view(-1) if deltas is not None else None
     logits = out.logits[:, -1].repeat_interleave(group_size, dim=0)
     suppress = torch.as_tensor(list(suppress_token_ids), dtype=torch.long, device=device)

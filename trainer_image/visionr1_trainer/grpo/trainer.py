@@ -8,8 +8,9 @@ group, and take clipped policy-gradient steps with a KL penalty to the frozen re
 
 The stage starts from the previous stage's committed model (``init_uri``: the SFT output
 for PTST stage 1, PTST stage k-1 for stage k), commits a resumable checkpoint every
-``saveEverySteps`` steps, resumes from the newest one after a kill (step, optimizer and
-RNG restored), and commits its final model as the artifact ``model``.
+``saveEverySteps`` steps, resumes from the newest one after a kill (step, optimizer
+state, each rank's RNG restored), and commits its final model as the artifact ``model``.
+Every forward pass goes through the engine (``engine.py``): torch, or DeepSpeed ZeRO 1-3.
 """
 
 from __future__ import annotations
@@ -23,24 +24,16 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import CheckpointManager, load_trainer_state, resolve_model_dir
-from ..config import GRPOStageConfig
-from ..distributed import (
-    DistEnv,
-    all_reduce_mean,
-    barrier,
-    broadcast_parameters,
-    parameter_fingerprint,
-    run_on_ranks,
-    verify_replicas_identical,
-)
+from ..checkpoint import CheckpointManager, resolve_model_dir
+from ..config import GRPOStageConfig, activation_checkpointing_on
+from ..distributed import DistEnv, all_reduce_max, all_reduce_mean, barrier, run_on_ranks
 from ..metrics import METRICS_LOG, StageMetrics
-from ..models.loading import load_vlm
+from ..models.loading import load_model, load_model_config, load_processor_parts, torch_dtype
 from ..models.vlm import IMAGE_TOKEN, encode_prompts
-from ..runtime import StageStopped, stop_requested
+from ..runtime import StageStopped, UnusableSetting, stop_requested
 from .algos import group_advantages, masked_mean, policy_loss
-from .batch import aggregation_weight, build_policy_batch, micro_batches, sequence_logprobs
-from .engine import make_engine
+from .batch import aggregation_weight, build_policy_batch, micro_batches, pad_groups, sequence_logprobs
+from .engine import EngineSpec, make_engine, make_reference
 from .reward import batch_rewards
 from .rollout import RolloutBackend, SamplingSettings, make_rollout
 
@@ -54,7 +47,7 @@ class GRPOState:
     config: GRPOStageConfig
     env: DistEnv
     engine: Any  # TorchEngine or DeepSpeedEngine (engine.py)
-    reference: Any | None
+    reference: Any | None  # FrozenModel (engine.py)
     tokenizer: Any
     image_processor: Any
     rollout: RolloutBackend
@@ -83,6 +76,16 @@ def rank_share(indices: list[int], env: DistEnv) -> list[int]:
     return indices[env.rank::env.world_size]
 
 
+def ptst_learning_rate(step: int, peak: float, warmup_steps: int) -> float:
+    """The learning rate of step ``step`` (0-based) of a PTST stage: a linear warmup over
+    ``warmup_steps`` (step s at (s + 1) / warmup_steps of the peak, so no rollout is
+    wasted on a zero rate), then the paper's constant rate. A function of the step only:
+    a resumed stage continues the same schedule."""
+    if warmup_steps <= 0:
+        return peak
+    return peak * min(1.0, (step + 1) / warmup_steps)
+
+
 # --- one step -----------------------------------------------------------------------------
 
 
@@ -91,6 +94,8 @@ def grpo_step(state: GRPOState, step: int) -> dict[str, float]:
     grpo, ptst = state.config.grpo, state.config.ptst
     group = ptst.num_generations
     started = time.perf_counter()
+    lr = ptst_learning_rate(step, grpo.learning_rate, grpo.warmup_steps)
+    state.engine.set_lr(lr)
 
     # 1. This step's prompts (this rank's share), encoded with their images.
     chosen = rank_share(batch_indices(step, len(state.examples), grpo.rollout_batch_size, grpo.seed), state.env)
@@ -108,7 +113,7 @@ def grpo_step(state: GRPOState, step: int) -> dict[str, float]:
 
     # 2. Rollout within the PTST budget.
     sampling = SamplingSettings(group, ptst.max_completion_length, grpo.temperature, grpo.top_p)
-    rollout = state.rollout.generate(prompts, images_per_prompt, sampling)
+    rollout = state.rollout.generate(prompts, images_per_prompt, sampling, step=step)
 
     # 3. HFRRF rewards (1 only if format and answer are both right), group advantages.
     texts = decode_completions(state.tokenizer, rollout.completion_ids, rollout.mask)
@@ -141,7 +146,7 @@ def grpo_step(state: GRPOState, step: int) -> dict[str, float]:
     }
     stats = {k: float(all_reduce_mean(torch.as_tensor(v, dtype=torch.float32), state.env)) for k, v in stats.items()}
     stats["step_seconds"] = time.perf_counter() - started
-    stats["learning_rate"] = grpo.learning_rate
+    stats["learning_rate"] = lr
     return stats
 
 
@@ -149,19 +154,23 @@ def update_policy(state: GRPOState, batch, advantages: torch.Tensor) -> dict[str
     """``updatesPerBatch`` passes of clipped policy-gradient steps over mini-batches."""
     grpo, device = state.config.grpo, state.env.device
     group = state.config.ptst.num_generations
+    # Every rank runs the same micro-batches (each a collective under ZeRO): a rank that
+    # dropped too-long prompts evens up with rows that train on nothing.
+    batch, advantages = pad_groups(batch, advantages, (all_reduce_max(batch.rows, state.env) - batch.rows) // group)
     rows = list(range(batch.rows))
     mini_rows = (grpo.mini_batch_size or grpo.rollout_batch_size) * group // state.env.world_size
     minis = micro_batches(rows, max(mini_rows, group))
     # Old log-probs are needed only when the policy moves before a row is trained on
     # (several mini-batches or passes); otherwise they equal the detached current ones.
     reuse = grpo.updates_per_batch > 1 or len(minis) > 1
-    old = frozen_logprobs(state.engine.module, batch, rows, grpo, device) if reuse else None
-    ref = frozen_logprobs(state.reference, batch, rows, grpo, device) if state.reference is not None else None
+    shared = not state.engine.spec.activation_checkpointing  # checkpointed layers keep no KV cache
+    old = frozen_logprobs(state.engine, batch, rows, grpo, device, shared) if reuse else None
+    ref = frozen_logprobs(state.reference, batch, rows, grpo, device, shared) if state.reference is not None else None
     totals: dict[str, list[torch.Tensor]] = {}
     train_tokens, started = int(batch.loss_mask.sum()) * grpo.updates_per_batch, time.perf_counter()
     for _ in range(grpo.updates_per_batch):
         for mini in minis:
-            for key, value in train_minibatch(state, batch, mini, advantages, old, ref).items():
+            for key, value in train_minibatch(state, batch, mini, advantages, old, ref, shared).items():
                 totals.setdefault(key, []).append(value)
     out = {k: torch.stack(v).mean() for k, v in totals.items()}
     out["train_tokens_per_s"] = torch.tensor(train_tokens / max(time.perf_counter() - started, 1e-9))
@@ -169,20 +178,23 @@ def update_policy(state: GRPOState, batch, advantages: torch.Tensor) -> dict[str
 
 
 @torch.no_grad()
-def frozen_logprobs(model, batch, rows, grpo, device) -> torch.Tensor:
-    """(B, T) log-probs under a model that does not change during the update."""
-    parts = [sequence_logprobs(model, batch, micro, grpo.temperature, device)[0].cpu()
+def frozen_logprobs(model, batch, rows, grpo, device, shared_prefix: bool = True) -> torch.Tensor:
+    """(B, T) log-probs under a model that does not change during the update (an engine)."""
+    parts = [sequence_logprobs(model, batch, micro, grpo.temperature, device, shared_prefix=shared_prefix)[0].cpu()
              for micro in micro_batches(rows, grpo.micro_batch_size)]
     return torch.cat(parts)
 
 
-def train_minibatch(state: GRPOState, batch, mini: list[int], advantages, old, ref) -> dict[str, torch.Tensor]:
+def train_minibatch(state: GRPOState, batch, mini: list[int], advantages, old, ref,
+                    shared_prefix: bool = True) -> dict[str, torch.Tensor]:
     """Accumulate gradients over micro-batches, average over ranks, clip, step."""
     grpo, device, engine = state.config.grpo, state.env.device, state.engine
     engine.zero_grad()
     acc: dict[str, torch.Tensor] = {}
-    for micro in micro_batches(mini, grpo.micro_batch_size):
-        logprobs, entropy = sequence_logprobs(engine.module, batch, micro, grpo.temperature, device, with_entropy=True)
+    micros = micro_batches(mini, grpo.micro_batch_size)
+    for index, micro in enumerate(micros):
+        logprobs, entropy = sequence_logprobs(engine, batch, micro, grpo.temperature, device, with_entropy=True,
+                                              shared_prefix=shared_prefix)
         mask = batch.loss_mask[micro].to(device)
         loss, stats = policy_loss(
             logprobs,
@@ -196,7 +208,7 @@ def train_minibatch(state: GRPOState, batch, mini: list[int], advantages, old, r
             aggregation=grpo.loss_aggregation,
         )
         weight = aggregation_weight(batch.loss_mask, micro, mini, grpo.loss_aggregation)
-        engine.backward(loss * weight)
+        engine.backward(loss * weight, last=index == len(micros) - 1)
         stats = {**stats, "loss": loss.detach(), "entropy": masked_mean(entropy, mask)}
         for key, value in stats.items():
             acc[key] = acc.get(key, torch.tensor(0.0)) + value.detach().cpu() * weight
@@ -213,58 +225,82 @@ def decode_completions(tokenizer, completion_ids: torch.Tensor, mask: torch.Tens
 # --- the stage ------------------------------------------------------------------------------
 
 
+def engine_spec(config: GRPOStageConfig, env: DistEnv) -> EngineSpec:
+    """What the policy's engine runs, from the stage's settings."""
+    grpo = config.grpo
+    longest = grpo.max_prompt_length + config.ptst.max_completion_length
+    return EngineSpec(grpo.deepspeed_zero_stage, precision_of(config.model.dtype, env.device), grpo.micro_batch_size,
+                      grpo.max_grad_norm, grpo.learning_rate,
+                      activation_checkpointing=activation_checkpointing_on(grpo.activation_checkpointing, longest),
+                      field="grpo.deepspeedZeroStage")
+
+
 def load_models(config: GRPOStageConfig, env: DistEnv, work: Path, weights_dir: Path | None = None):
-    """The policy (from ``weights_dir``, a checkpoint, else the stage's starting model) and a
-    frozen copy of the starting model as the KL reference.
+    """The policy's engine (weights from ``weights_dir``, a checkpoint, else the stage's
+    starting model), the frozen reference (the starting model, for the KL term), the
+    tokenizer and the image processor.
 
     The reference is the stage's starting point on every attempt, also after a resume.
+    Both load through their engine, so under ZeRO-3 both are partitioned as they load.
     """
     source = resolve_model_dir(config.init_uri or config.model.name, config.storage, work)
-    policy, tokenizer, image_processor = load_vlm(
-        str(weights_dir) if weights_dir else source, config.model.dtype, config.model.attn_implementation,
-        env.device, config.model.processor or source,
-    )
-    policy.train()
+    model = config.model
+    tokenizer, image_processor = load_processor_parts(model.processor or source)
+    spec = engine_spec(config, env)
+
+    def loader(directory: str):
+        return lambda: load_model(directory, model.dtype, model.attn_implementation, env.device)
+
+    engine = make_engine(loader(str(weights_dir) if weights_dir else source), lambda: load_model_config(source),
+                         env, spec)
+    engine.train()
     reference = None
     if config.grpo.beta > 0:
-        reference, _, _ = load_vlm(source, config.model.dtype, config.model.attn_implementation, env.device)
-        reference.eval().requires_grad_(False)
-    return source, policy, reference, tokenizer, image_processor
+        reference = make_reference(loader(source), lambda: load_model_config(source), env, spec)
+    return source, engine, reference, tokenizer, image_processor
 
 
 def run(config: GRPOStageConfig) -> dict[str, Any]:
     return run_on_ranks(config, train_stage)
 
 
+def check_rank_split(config: GRPOStageConfig, env: DistEnv) -> None:
+    """Refuse batch sizes that do not split evenly over the ranks (exit 2, naming the field)."""
+    problems = config.grpo.rank_split_problems(env.world_size)
+    if problems:
+        raise UnusableSetting("; ".join(f"grpo.{field}: {message}" for field, message in problems))
+
+
 def train_stage(config: GRPOStageConfig, env: DistEnv, work: Path, metrics: StageMetrics) -> dict[str, Any]:
     from ..data.formats import read_rl
 
     grpo, total = config.grpo, config.ptst.steps
+    check_rank_split(config, env)
     torch.manual_seed(grpo.seed + env.rank)
     ckpt = CheckpointManager(config.output_uri, config.storage, work)
-    found = ckpt.restore_dir()  # resume: weights load before the engine partitions them
-    source, policy, reference, tokenizer, image_processor = load_models(
+    found = ckpt.restore_dir()  # resume: weights load into the engine as it is built
+    source, engine, reference, tokenizer, image_processor = load_models(
         config, env, work, found[1] / "model" if found else None
     )
     data = read_rl(config.data, config.storage)
     if not data.items:
         raise RuntimeError(f"{config.data.source}: no usable RL rows (skipped: {dict(data.skipped)})")
-    engine = make_engine(policy, env, grpo.learning_rate, grpo.deepspeed_zero_stage, _precision(config),
-                         grpo.micro_batch_size, grpo.max_grad_norm)
-    start = load_trainer_state(found[1], engine.checkpointable_optimizer)[0] if found else 0
+    start = ckpt.load_ranked(found, engine, env) if found else 0
     if found is None:
-        broadcast_parameters(engine.module, env)
+        engine.broadcast_from_rank0()
     metrics.rewind(start, found[1] / METRICS_LOG if found else None)
     state = GRPOState(
         config, env, engine, reference, tokenizer, image_processor,
-        make_rollout(grpo.rollout_backend, engine.module, tokenizer, env, config), data.items,
+        make_rollout(grpo.rollout_backend, engine, tokenizer, env, config), data.items,
         tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
     )
     metrics.set(total_steps=total)
     metrics.event("start", step=start, init=source, examples=len(data.items),
-                  skipped=dict(data.skipped), resumed=found is not None, attempt=config.attempt)
-    log.info("PTST stage %d/%d: %d x %d, steps %d..%d, from %s", config.ptst_index, config.ptst_total,
-             config.ptst.max_completion_length, config.ptst.num_generations, start, total, source)
+                  skipped=dict(data.skipped), resumed=found is not None, attempt=config.attempt,
+                  **engine.describe())
+    log.info("PTST stage %d/%d: %d x %d, steps %d..%d, from %s, %s", config.ptst_index, config.ptst_total,
+             config.ptst.max_completion_length, config.ptst.num_generations, start, total, source,
+             engine.describe())
     for step in range(start, total):
         if stop_requested():
             save_checkpoint(state, ckpt, metrics, step)
@@ -277,14 +313,12 @@ def train_stage(config: GRPOStageConfig, env: DistEnv, work: Path, metrics: Stag
                      stats["completion_length_mean"], stats["kl"])
         if (step + 1) % grpo.save_every_steps == 0 and step + 1 < total:
             save_checkpoint(state, ckpt, metrics, step + 1)
-    verify_replicas_identical(engine.module, env)
-    metrics.event("replicas", world_size=env.world_size, identical=True,
-                  fingerprint=float(parameter_fingerprint(engine.module).sum()))
+    record_replicas(engine, env, metrics)
     save_checkpoint(state, ckpt, metrics, total)
     weights = engine.full_state_dict()  # collective under ZeRO-3: every rank takes part
     uri = None
     if env.is_main:
-        uri = ckpt.commit_model(engine.module, tokenizer, image_processor,
+        uri = ckpt.commit_model(engine, tokenizer, image_processor,
                                 {"stage": config.stage, "step": total}, state_dict=weights)
     barrier(env)
     summary = stage_summary(state, total, total, uri)
@@ -293,19 +327,28 @@ def train_stage(config: GRPOStageConfig, env: DistEnv, work: Path, metrics: Stag
     return summary
 
 
-def _precision(config: GRPOStageConfig) -> str:
-    return {"bfloat16": "bf16", "float16": "fp16"}.get(config.model.dtype, "fp32")
+def record_replicas(engine, env: DistEnv, metrics: StageMetrics) -> None:
+    """Check that data-parallel replicas agree (raises if not) and log what was checked.
+
+    Under ZeRO-3 there are no replicas (each rank holds a partition): ``identical`` is
+    then null and ``checked`` false rather than a claim nothing supports.
+    """
+    identical = engine.verify_replicas_identical()
+    metrics.event("replicas", world_size=env.world_size, identical=identical, checked=identical is not None)
+
+
+def precision_of(dtype: str, device: str) -> str:
+    """The training precision of a model dtype setting (``auto``: bf16 on GPU, fp32 on CPU)."""
+    resolved = torch_dtype(dtype, device)
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(resolved, "fp32")
 
 
 def save_checkpoint(state: GRPOState, ckpt: CheckpointManager, metrics: StageMetrics, step: int) -> None:
-    """Commit the training state and the metrics log so far (rank 0 writes; all ranks wait)."""
-    weights = state.engine.full_state_dict()  # collective under ZeRO-3
+    """Commit the training state and the metrics log so far (every rank its shard; rank 0 the rest)."""
+    files = {METRICS_LOG: metrics.jsonl_path} if metrics.jsonl_path else {}
+    uri = ckpt.save_ranked(step, state.engine, state.env, extra_files=files)
     if state.env.is_main:
-        files = {METRICS_LOG: metrics.jsonl_path} if metrics.jsonl_path else {}
-        uri = ckpt.save(step, state.engine.module, state.engine.checkpointable_optimizer,
-                        extra_files=files, state_dict=weights)
         metrics.event("checkpoint", step=step, uri=uri)
-    barrier(state.env)
 
 
 def stage_summary(state: GRPOState, step: int, total: int, uri: str | None) -> dict[str, Any]:

@@ -30,10 +30,25 @@ def load_processor_parts(source: str) -> tuple[Any, Any]:
 def load_vlm(source: str, dtype: str = "auto", attn_implementation: str = "sdpa", device: str = "cpu",
              processor: str | None = None):
     """``(model, tokenizer, image_processor)`` from a directory or hub id."""
+    model = load_model(source, dtype, attn_implementation, device)
+    tokenizer, image_processor = load_processor_parts(processor or source)
+    return model, tokenizer, image_processor
+
+
+def load_model(source: str, dtype: str = "auto", attn_implementation: str = "sdpa", device: str = "cpu"):
+    """The model alone. Under a live ZeRO-3 ``HfDeepSpeedConfig`` it is partitioned as it
+    loads (``deepspeed.zero.Init``), each weight already on its rank's device."""
     from transformers import AutoModelForImageTextToText
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
     model = AutoModelForImageTextToText.from_pretrained(
         source, dtype=torch_dtype(dtype, device), attn_implementation=attn_implementation
-    ).to(device)
-    tokenizer, image_processor = load_processor_parts(processor or source)
-    return model, tokenizer, image_processor
+    )
+    return model if is_deepspeed_zero3_enabled() else model.to(device)
+
+
+def load_model_config(source: str):
+    """The model's config without its weights (the engine sizes ZeRO buckets from it)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(source)

@@ -10,9 +10,10 @@ Data comes from the bridge stage's committed ``dataset`` (``dataUri``) or a give
 (``data``). The stage commits a resumable checkpoint every ``saveEverySteps`` steps
 (weights, optimizer, RNG, step; the data order and the learning rate are functions of
 the step), resumes from the newest one after a kill, and commits the final model as
-the artifact ``model``, which the first PTST stage starts from. On GPUs with
-``deepspeedZeroStage`` > 0 the update goes through DeepSpeed ZeRO (the GRPO stage's
-engine, ``grpo.engine``); ``torchrun`` starts one process per GPU and node.
+the artifact ``model``, which the first PTST stage starts from. With
+``deepspeedZeroStage`` > 0 the model is run and updated by DeepSpeed ZeRO (the GRPO
+stage's engine, ``grpo.engine``), on GPUs or CPU ranks; ``torchrun`` starts one process
+per GPU and node. Every forward pass goes through the engine.
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import CheckpointManager, MODEL, load_trainer_state, resolve_model_dir
-from ..config import DatasetRef, SFTStageConfig
-from ..distributed import DistEnv, all_reduce_mean, barrier, broadcast_parameters, run_on_ranks
+from ..checkpoint import CheckpointManager, MODEL, resolve_model_dir
+from ..config import DatasetRef, SFTStageConfig, activation_checkpointing_on
+from ..distributed import DistEnv, all_reduce_mean, barrier, run_on_ranks
 from ..metrics import METRICS_LOG, StageMetrics
-from ..models.loading import load_vlm
+from ..models.loading import load_model_config, load_processor_parts
+from ..models.loading import load_model as load_weights
 from ..models.vlm import IMAGE_TOKEN
 from ..runtime import StageStopped, stop_requested
 from .data import IGNORE_INDEX, Batch, TrainingData, build_training_data, collate, epoch_micro_batches, load_group
@@ -66,19 +68,22 @@ def global_sum(value: float, env: DistEnv) -> float:
 
 
 def train_step(engine, batches: Sequence[Batch], env: DistEnv, lr: float) -> dict[str, float]:
-    """One optimizer step over ``batches`` (this rank's micro-batches); returns its metrics."""
-    for group in engine.optimizer.param_groups:
-        group["lr"] = lr
+    """One optimizer step over ``batches`` (this rank's micro-batches); returns its metrics.
+
+    Every rank must pass the same number of micro-batches (under ZeRO each forward and
+    backward is a collective); ``epoch_micro_batches`` deals them out evenly.
+    """
+    engine.set_lr(lr)
     targets = max(1.0, global_sum(sum(b.target_tokens for b in batches), env))
     engine.zero_grad()
     loss_sum = 0.0
-    for batch in batches:
+    for index, batch in enumerate(batches):
         inputs = {k: v.to(env.device) for k, v in batch.inputs.items()}
-        logits = engine.module(**inputs).logits  # (B, T, V)
+        logits = engine(**inputs).logits  # (B, T, V)
         loss = token_loss_sum(logits, batch.labels.to(env.device))
         # Ranks' gradients are averaged, so scale by world size: the sum over ranks of
         # these losses is the summed loss of the whole step divided by all its tokens.
-        engine.backward(loss * env.world_size / targets)
+        engine.backward(loss * env.world_size / targets, last=index == len(batches) - 1)
         loss_sum += float(loss.detach())
     grad_norm = float(engine.step())
     return {"loss": global_sum(loss_sum, env) / targets, "grad_norm": grad_norm, "learning_rate": lr,
@@ -130,38 +135,38 @@ def step_loader(dataset: StepBatches, plan: StepPlan, accumulation: int, start: 
 # --- model and engine -----------------------------------------------------------------------
 
 
-def load_model(config: SFTStageConfig, env: DistEnv, work: Path, weights_dir: Path | None):
-    """The model to fine-tune (the newest checkpoint's weights when resuming)."""
-    source = resolve_model_dir(config.model.name, config.storage, work)
-    model, tokenizer, image_processor = load_vlm(
-        str(weights_dir) if weights_dir else source, LOAD_DTYPE[config.sft.precision],
-        config.model.attn_implementation, env.device, config.model.processor or source,
-    )
-    model.train()
-    if config.sft.freeze_vision_tower:
-        vision = getattr(model, "visual", None) or model.model.visual
-        vision.requires_grad_(False)
-    return source, model, tokenizer, image_processor
-
-
-def make_sft_engine(model, config: SFTStageConfig, env: DistEnv):
-    """DeepSpeed ZeRO on GPUs when a stage is set; plain torch (+ gradient all-reduce) otherwise."""
-    from ..grpo.engine import DeepSpeedEngine, TorchEngine
+def engine_spec(config: SFTStageConfig, env: DistEnv):
+    """What the SFT engine runs, from the stage's settings."""
+    from ..grpo.engine import EngineSpec
 
     sft = config.sft
-    use_deepspeed = sft.deepspeed_zero_stage > 0 and env.device.startswith("cuda")
-    if sft.precision == "fp16" and not use_deepspeed:
-        raise ValueError("sft.precision: fp16 needs DeepSpeed (deepspeedZeroStage > 0 on GPUs) for "
-                         "loss scaling; use bf16 or fp32")
-    if use_deepspeed:
-        engine = DeepSpeedEngine(model, sft.learning_rate, env, sft.deepspeed_zero_stage, sft.precision,
-                                 sft.per_device_batch_size, sft.max_grad_norm)
-        for group in engine.optimizer.param_groups:
-            group["weight_decay"] = sft.weight_decay
-        return engine
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=sft.learning_rate, weight_decay=sft.weight_decay)
-    return TorchEngine(model, optimizer, env, sft.max_grad_norm)
+    return EngineSpec(sft.deepspeed_zero_stage, sft.precision, sft.per_device_batch_size, sft.max_grad_norm,
+                      sft.learning_rate, sft.weight_decay,
+                      activation_checkpointing=activation_checkpointing_on(sft.activation_checkpointing,
+                                                                           sft.cutoff_length),
+                      field="sft.deepspeedZeroStage")
+
+
+def load_model(config: SFTStageConfig, env: DistEnv, work: Path, weights_dir: Path | None):
+    """The engine holding the model to fine-tune (the newest checkpoint's weights when
+    resuming), with the tokenizer and image processor. Under ZeRO-3 the model is
+    partitioned as it loads."""
+    from ..grpo.engine import make_engine
+
+    source = resolve_model_dir(config.model.name, config.storage, work)
+    tokenizer, image_processor = load_processor_parts(config.model.processor or source)
+
+    def load():
+        model = load_weights(str(weights_dir) if weights_dir else source, LOAD_DTYPE[config.sft.precision],
+                             config.model.attn_implementation, env.device)
+        if config.sft.freeze_vision_tower:  # before the optimizer is built: it never sees them
+            vision = getattr(model, "visual", None) or model.model.visual
+            vision.requires_grad_(False)
+        return model
+
+    engine = make_engine(load, lambda: load_model_config(source), env, engine_spec(config, env))
+    engine.train()
+    return source, engine, tokenizer, image_processor
 
 
 # --- the stage --------------------------------------------------------------------------------
@@ -190,8 +195,8 @@ def prepare(config: SFTStageConfig, env: DistEnv, work: Path, ckpt: CheckpointMa
 
     sft = config.sft
     torch.manual_seed(sft.seed)
-    found = ckpt.restore_dir()  # resume: the weights load before the engine takes the model
-    source, model, tokenizer, image_processor = load_model(config, env, work, found[1] / "model" if found else None)
+    found = ckpt.restore_dir()  # resume: the weights load into the engine as it is built
+    source, engine, tokenizer, image_processor = load_model(config, env, work, found[1] / "model" if found else None)
     read = read_cold(data_ref(config), config.storage, work / "cache")
     data = build_training_data(read.items, tokenizer, image_processor, sft.cutoff_length, sft.packing)
     skipped = {**dict(read.skipped), **{k: v for k, v in data.skipped.items() if v}}
@@ -199,10 +204,9 @@ def prepare(config: SFTStageConfig, env: DistEnv, work: Path, ckpt: CheckpointMa
         raise RuntimeError(f"{data_ref(config).source}: no usable cold-start samples (skipped: {skipped})")
     plan = step_plan(len(data.groups), sft.per_device_batch_size, sft.gradient_accumulation_steps,
                      sft.epochs, sft.warmup_ratio, env.world_size)
-    engine = make_sft_engine(model, config, env)
-    start = load_trainer_state(found[1], engine.checkpointable_optimizer)[0] if found else 0
-    if found is None and not hasattr(engine, "engine"):
-        broadcast_parameters(engine.module, env)  # every rank starts from rank 0's weights
+    start = ckpt.load_ranked(found, engine, env) if found else 0
+    if found is None:
+        engine.broadcast_from_rank0()  # every rank starts from rank 0's weights
     log.info("SFT of %s on %d samples (%d sequences): steps %d..%d, %d per epoch", source,
              len(data.samples), len(data.groups), start, plan.total_steps, plan.steps_per_epoch)
     return SFTRun(config, env, ckpt, engine, tokenizer, image_processor, data, plan, start, found,
@@ -218,13 +222,13 @@ def train_stage(config: SFTStageConfig, env: DistEnv, work: Path, metrics: Stage
     metrics.rewind(run.start, run.found[1] / METRICS_LOG if run.found else None)
     metrics.set(total_steps=run.plan.total_steps)
     metrics.event("start", step=run.start, sequences=len(run.data.groups), resumed=run.found is not None,
-                  attempt=config.attempt, **run.info)
+                  attempt=config.attempt, **run.info, **run.engine.describe())
     history = train_loop(run, metrics)
     save_checkpoint(run.engine, ckpt, metrics, env, run.plan.total_steps)
     weights = run.engine.full_state_dict()  # a collective under ZeRO-3: every rank takes part
     uri = None
     if env.is_main:
-        uri = ckpt.commit_model(run.engine.module, run.tokenizer, run.image_processor,
+        uri = ckpt.commit_model(run.engine, run.tokenizer, run.image_processor,
                                 {"stage": config.stage, "step": run.plan.total_steps}, state_dict=weights)
     barrier(env)
     summary = stage_summary(history, run.plan.total_steps, run.plan, uri, run.info)
@@ -261,14 +265,11 @@ def train_loop(run: SFTRun, metrics: StageMetrics) -> list[dict[str, float]]:
 
 
 def save_checkpoint(engine, ckpt: CheckpointManager, metrics: StageMetrics, env: DistEnv, step: int) -> None:
-    """Commit weights, optimizer, RNG and the metrics log (rank 0 writes; all ranks wait)."""
-    weights = engine.full_state_dict()  # collective under ZeRO-3
+    """Commit weights, optimizer, RNG and the metrics log (every rank its shard; rank 0 the rest)."""
+    files = {METRICS_LOG: metrics.jsonl_path} if metrics.jsonl_path else {}
+    uri = ckpt.save_ranked(step, engine, env, extra_files=files)
     if env.is_main:
-        files = {METRICS_LOG: metrics.jsonl_path} if metrics.jsonl_path else {}
-        uri = ckpt.save(step, engine.module, engine.checkpointable_optimizer, extra_files=files,
-                        state_dict=weights)
         metrics.event("checkpoint", step=step, uri=uri)
-    barrier(env)
 
 
 def stage_summary(history: list[dict[str, float]], step: int, plan: StepPlan, uri: str | None,
