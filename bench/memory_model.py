@@ -158,7 +158,7 @@ class Settings:
     vllm_utilization: float = 0.35
     vllm_asleep: float = 1 * GiB
     runtime: float = 2 * GiB
-    image_tokens: int = 1024  # a geometry figure at Qwen2.5-VL's default resolution
+    image_tokens: int = 768  # one figure per prompt (about 600k pixels), inside the 1024-token prompt
     micro_batch: int = 4  # GRPO completions per forward/backward (microBatchSize)
 
 
@@ -263,6 +263,13 @@ def vllm_table(sizes=("7B", "32B", "72B"), utilization: float = 0.35, tps=(1, 2,
                          f"{eight['vllm_kv_sequences']:.0f}")
         rows.append(f"| {size} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def breakdown(s: Shape, st: Settings, completion: int, group: int) -> str:
+    """One PTST stage's parts, in GiB, as a table row per part."""
+    parts = grpo_peak(s, st, completion, group, micro_batch=st.micro_batch)
+    keep = [k for k in parts if k not in ("vllm_weights", "vllm_kv_sequences")]
+    return "\n".join(["| part | GiB |", "|---|---|"] + [f"| {k} | {parts[k] / GiB:.1f} |" for k in keep])
 
 
 # --- the small-size check on CPU -------------------------------------------------------------------
@@ -374,10 +381,14 @@ def main(argv=None) -> None:
             "no activation ckpt": Settings(ranks=8, checkpointing=False),
             "unchunked log-probs": Settings(ranks=8, chunk=None),
             "unsharded reference": Settings(ranks=8, reference_partitioned=False),
+            "before issue 12 (none of these)": Settings(ranks=8, checkpointing=False, chunk=None,
+                                                        reference_partitioned=False),
         }
         print(table(columns))
         print()
         print(vllm_table())
+        print()
+        print(breakdown(QWEN25_VL["7B"], Settings(ranks=8), 8192, 8))
         return
     rows = check(args.repeats, args.tokens)
     result = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}",
