@@ -144,6 +144,18 @@ def test_weight_names_lose_wrapper_prefixes_only():
     assert vr.vllm_weight_name("_orig_mod.lm_head.weight") == "lm_head.weight"
 
 
+def test_the_engine_loads_what_the_policy_was_loaded_from(tmp_path):
+    from visionr1_trainer.grpo.logprob_head import LogprobModel
+    from visionr1_trainer.models.loading import load_vlm
+    from visionr1_trainer.models.tiny import build_tiny_vlm
+
+    model_dir = build_tiny_vlm(tmp_path / "ckpt")
+    model, _, _ = load_vlm(str(model_dir), "float32")
+    assert vr.policy_source(model, "s3://runs/sft/model") == str(model_dir)
+    assert vr.policy_source(LogprobModel(model), "s3://runs/sft/model") == str(model_dir)  # wrapped
+    assert vr.policy_source(torch.nn.Linear(1, 1), "fallback") == "fallback"
+
+
 # --- the processor vLLM reads ----------------------------------------------------------------------
 
 

@@ -228,6 +228,15 @@ def stage_model_dir(model_dir: str | Path, tokenizer, image_processor, dest: str
     return dest
 
 
+def policy_source(policy, fallback: str) -> str:
+    """Where the policy's weights were loaded from: a checkpoint directory after a resume.
+
+    ``LogprobModel`` (grpo/logprob_head.py) keeps the Hugging Face model as ``hf``.
+    """
+    model = getattr(policy, "hf", policy)
+    return getattr(model, "name_or_path", None) or fallback
+
+
 def local_model_dir(source: str) -> str:
     """``source`` as a local directory: itself, or its snapshot in the Hugging Face cache."""
     if Path(source).is_dir():
@@ -322,7 +331,7 @@ class VLLMRollout:
 
         from ..models.loading import load_processor_parts
 
-        source = local_model_dir(getattr(policy, "name_or_path", None) or config.model.name)
+        source = local_model_dir(policy_source(policy, config.model.name))
         if image_processor is None:  # the processor training uses: the same source load_models reads
             tokenizer, image_processor = load_processor_parts(config.model.processor or source)
         staged = stage_model_dir(source, tokenizer, image_processor,
