@@ -323,6 +323,22 @@ def test_seeds_follow_the_step_so_a_resumed_stage_draws_what_an_unbroken_one_did
     assert llm.seeds == at_seven == vr.request_seeds(42, 7, 1, 4)
 
 
+def test_given_an_engine_the_first_rollout_pushes_too(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(SamplingParams=FakeSamplingParams))
+    tokenizer = types.SimpleNamespace(eos_token_id=EOS, pad_token_id=PAD, unk_token_id=None,
+                                      convert_tokens_to_ids=lambda t: None)
+    engine = FakeEngine(["a.weight"])
+    engine.dtype = torch.bfloat16  # what grpo/engine.py's engines expose
+    llm = FakeLLM(FakeVLLMModel(["a.weight"]))
+    config = types.SimpleNamespace(grpo=types.SimpleNamespace(seed=42))
+    backend = vr.VLLMRollout(engine, tokenizer, types.SimpleNamespace(rank=0, local_rank=0, world_size=1), config,
+                             llm=llm)
+    assert llm.log == [("sleep", 2)] and backend.dtype == torch.bfloat16  # nothing to keep: discarded
+    backend.generate(encoded(["q"], [[]]), [0], SamplingSettings(1, 3), step=0)
+    assert engine.iterations == 1 and ("collective_rpc",) in llm.log
+    assert llm.model.calls[0][1] == torch.bfloat16
+
+
 def test_a_rollout_after_discarding_the_weights_needs_a_policy(rollout):
     backend, _ = rollout
     prompts, settings = encoded(["q"], [[]]), SamplingSettings(1, 3)

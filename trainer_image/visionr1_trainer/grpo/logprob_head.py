@@ -94,6 +94,17 @@ class LogprobModel(torch.nn.Module):
     def config(self):
         return self.hf.config
 
+    @property
+    def name_or_path(self) -> str:
+        return self.hf.name_or_path
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.hf.dtype
+
+    def save_pretrained(self, directory, **kwargs) -> None:
+        self.hf.save_pretrained(directory, **kwargs)
+
     def forward(self, targets: torch.Tensor | None = None, temperature: float = 1.0,
                 first_hidden: torch.Tensor | None = None, **inputs: Any):
         """With ``targets`` ``(b, T)``: ``(logprobs, entropy)`` of them, each ``(b, T)``.

@@ -237,6 +237,12 @@ def policy_source(policy, fallback: str) -> str:
     return getattr(model, "name_or_path", None) or fallback
 
 
+def policy_dtype(policy) -> torch.dtype:
+    """The dtype vLLM runs in: the policy's (an engine's ``dtype``, or its first parameter's)."""
+    dtype = getattr(policy, "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else next(policy.parameters()).dtype
+
+
 def local_model_dir(source: str) -> str:
     """``source`` as a local directory: itself, or its snapshot in the Hugging Face cache."""
     if Path(source).is_dir():
@@ -305,24 +311,27 @@ def push_weights(worker, parameters: Iterable[tuple[str, torch.Tensor]], dtype: 
 class VLLMRollout:
     """One colocated vLLM engine on this rank's GPU.
 
-    Weight states: ``disk`` (the starting weights vLLM read itself, offloaded once),
-    ``discarded`` (after a rollout's level-2 sleep). ``sync_weights(engine)`` names the
-    policy to copy from; every ``generate`` after the first pushes its weights first, so
-    the transfer happens exactly once per rollout however often ``sync_weights`` is called.
+    ``policy`` is the training engine (``grpo/engine.py``: ``iter_full_parameters``,
+    ``name_or_path``, ``dtype``) or, in older call sites, the model itself. Weight states:
+    ``disk`` (the starting weights vLLM read itself) and ``discarded`` (after a level-2
+    sleep). With an engine known (given here or by ``sync_weights``), every ``generate``
+    pushes its weights first: the transfer happens exactly once per rollout however often
+    ``sync_weights`` is called.
     """
 
     def __init__(self, policy, tokenizer, env, config, image_processor=None, llm=None):
         self.tokenizer, self.env = tokenizer, env
         self.seed = config.grpo.seed
         self.banned = vision_token_ids(tokenizer)
-        self.dtype = next(policy.parameters()).dtype
-        self.source = None  # the engine to copy weights from (sync_weights)
-        self.weights = "disk"
+        self.dtype = policy_dtype(policy)
+        self.source = policy if hasattr(policy, "iter_full_parameters") else None
         self.calls = 0
         self.llm = llm if llm is not None else self._make_llm(policy, tokenizer, env, config, image_processor)
-        # Free the KV cache and move the starting weights aside until the first rollout.
-        # Level 1 here, once: these weights are valid and the first rollout may use them.
-        self.llm.sleep(level=1)
+        # Free the KV cache (and the weights) until the first rollout. With an engine to copy
+        # from, the first rollout pushes them like every other: discard (level 2). Without,
+        # the starting weights are the only copy: offload them once (level 1).
+        self.weights = "discarded" if self.source is not None else "disk"
+        self.llm.sleep(level=2 if self.source is not None else 1)
 
     def _make_llm(self, policy, tokenizer, env, config, image_processor):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # external launcher: in-process worker
