@@ -3,6 +3,7 @@
     visionr1 validate FILE...   check manifests; one line per problem, naming the field
     visionr1 crd                print the CustomResourceDefinition
     visionr1 plan FILE          the ordered stages with resources, images and artifact URIs
+    visionr1 render FILE        the Kubernetes objects the operator creates for each stage
     visionr1 eval --model M --benchmark NAME=FORMAT:SOURCE   score checkpoints on benchmarks
 
 Exit status: 0 success, 1 invalid input, 2 bad usage. Never a traceback for bad input.
@@ -21,6 +22,7 @@ from rich.table import Table
 
 from . import __version__
 from .crd import render_crd_yaml
+from .jobs import Owner, build_stage_objects
 from .manifest import ManifestError, load_run, load_runs
 from .plan import DEFAULT_TRAINER_IMAGE, StagePlan, build_plan
 
@@ -111,6 +113,36 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def render_objects(run, default_image: str = DEFAULT_TRAINER_IMAGE) -> list[dict]:
+    """What the operator creates for each stage's first attempt, stage by stage: its
+    ConfigMap, a headless Service for a multi-node stage, its Job (the same builder the
+    operator calls). The owner reference to the run is left out: it needs the run's uid,
+    which only the API server assigns."""
+    owner = Owner(run.name, run.namespace, uid="")
+    objects = []
+    for plan in build_plan(run, default_image=default_image):
+        for obj in build_stage_objects(owner, run.spec, plan, 1, suspend=bool(run.spec.queue_name)):
+            obj["metadata"].pop("ownerReferences", None)
+            objects.append(obj)
+    return objects
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    try:
+        runs = load_runs(args.file)
+    except ManifestError as exc:
+        for line in exc.lines():
+            _stderr().print(line, markup=False)
+        return 1
+    docs = []
+    for run in runs:
+        for obj in render_objects(run, args.image):
+            source = f"# Source: {run.namespace}/{run.name} {obj['kind']} {obj['metadata']['name']}\n"
+            docs.append(source + yaml.safe_dump(obj, sort_keys=False))
+    print("---\n".join(docs), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="visionr1",
@@ -131,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
     p.add_argument("--image", default=DEFAULT_TRAINER_IMAGE, help="default trainer image")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("render", help="print the Kubernetes objects the operator creates for each stage (like helm template)")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--image", default=DEFAULT_TRAINER_IMAGE, help="default trainer image (the operator's --trainer-image)")
+    p.set_defaults(func=cmd_render)
 
     from . import cli_local
 

@@ -301,12 +301,13 @@ class ControlPlane:
             # kwok's node-initialize Stage carries it over.
             self.kubectl("patch", "node", name, "--subresource=status", "--type=merge", "-p", status)
 
-    def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True,
+                timeout: float = 120) -> subprocess.CompletedProcess:
         # Discovery is cached per control plane (not in ~/.kube), so no other cluster's
         # resource list is ever consulted.
         cmd = [kubectl_binary(), f"--kubeconfig={self.kubeconfig}",
                f"--cache-dir={self.cluster_dir / 'kube-cache'}", *args]
-        out = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=120)
+        out = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout)
         if check and out.returncode != 0:
             raise ControlPlaneError(f"kubectl {' '.join(args)} failed: {out.stderr.strip()}")
         return out
