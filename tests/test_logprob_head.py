@@ -50,8 +50,10 @@ def image_batch(tok, ip, T=6):
     return inputs, completion
 
 
-def test_logprobs_entropy_and_gradients_equal_the_hf_forward(tiny):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_logprobs_entropy_and_gradients_equal_the_hf_forward(tiny, checkpointing):
     model, tok, ip = load(tiny)
+    model.train()
     inputs, completion = image_batch(tok, ip)
     T = completion.shape[1]
     logits = model(**inputs, logits_to_keep=T + 1, use_cache=False).logits[:, :-1]
@@ -61,6 +63,8 @@ def test_logprobs_entropy_and_gradients_equal_the_hf_forward(tiny):
     model.zero_grad(set_to_none=True)
 
     policy = LogprobModel(model, chunk_tokens=5)  # 12 positions in 3 chunks
+    if checkpointing:  # as the engine enables it (activationCheckpointing)
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lp, ent = policy(targets=completion, temperature=0.8, **inputs)
     lp.sum().backward()
     torch.testing.assert_close(lp, ref_lp, rtol=1e-5, atol=1e-5)
@@ -83,6 +87,7 @@ def test_names_are_the_checkpoints_and_generation_still_sees_logits(tiny):
     assert isinstance(model.lm_head, ChunkedLMHead) and policy.hf is model
     assert model.lm_head.weight is model.model.language_model.embed_tokens.weight  # still tied
     torch.testing.assert_close(model(**inputs, use_cache=False).logits, before)
+    torch.testing.assert_close(policy(**inputs, use_cache=False).logits, before)  # no targets: the HF forward
     assert LogprobModel(model).lm_head is model.lm_head  # installing twice changes nothing
 
 
@@ -93,8 +98,9 @@ def test_cached_prefix_path_equals_the_full_rows(tiny):
     completion = torch.randint(20, 200, (2, 5), generator=torch.Generator().manual_seed(2))
     full_lp, full_ent = policy(targets=completion, input_ids=torch.cat([prompt, completion], 1),
                                attention_mask=torch.ones(2, 12, dtype=torch.long))
-    prefix = policy(input_ids=prompt, attention_mask=torch.ones(2, 7, dtype=torch.long), use_cache=True)
-    lp, ent = policy(targets=completion, first_hidden=prefix.last_hidden_state[:, -1:], input_ids=completion,
+    prefix = policy(input_ids=prompt, attention_mask=torch.ones(2, 7, dtype=torch.long), use_cache=True,
+                    logits_to_keep=1)  # no targets: the HF forward
+    lp, ent = policy(targets=completion, first_logits=prefix.logits[:, -1:], input_ids=completion,
                      attention_mask=torch.ones(2, 12, dtype=torch.long), past_key_values=prefix.past_key_values,
                      use_cache=True)
     torch.testing.assert_close(lp, full_lp, rtol=1e-5, atol=1e-5)

@@ -16,18 +16,18 @@ two children of a Qwen2-VL / Qwen2.5-VL ``*ForConditionalGeneration``, so its pa
 state-dict names are the Hugging Face checkpoint's. Generation through the original model
 still works: called without targets, ``ChunkedLMHead`` is the plain linear layer.
 
-Use (helper code in grpo/batch.py and grpo/trainer.py; see the GRPO engine):
+Use (grpo/batch.py and grpo/trainer.py):
 
-    policy = LogprobModel(hf_model)              # before the engine wraps it
-    engine = make_engine(policy, ...)            # DeepSpeed/torch wrap LogprobModel
+    engine = make_engine(lambda: LogprobModel(load_model(...)), ...)   # before the engine wraps it
     logprobs, entropy = engine(targets=completion_ids, temperature=t,
-                               **batch.model_inputs(rows, device))   # one forward on full rows
-    # or, prompt shared by its group: the backbone once, then the completions on its cache
-    prefix = engine(**prompt_inputs, use_cache=True)                   # backbone output
+                               **batch.model_inputs(rows, device))      # full rows, one forward
+    # prompt shared by its group: the prefix once (an ordinary forward), then the completions
+    prefix = engine(**prompt_inputs, position_ids=..., use_cache=True, logits_to_keep=1)
     logprobs, entropy = engine(targets=completion_ids, temperature=t,
-                               first_hidden=prefix.last_hidden_state[:, -1:].index_select(0, index),
+                               first_logits=prefix.logits[:, -1:].index_select(0, index),
                                input_ids=completion_ids, attention_mask=..., position_ids=...,
                                past_key_values=cache, use_cache=True)
+    # generation (HF rollouts) and anything else: engine(**inputs) is the HF forward
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from .algos import LOGPROB_CHUNK_TOKENS, chunked_logprobs_and_entropy
+from .algos import LOGPROB_CHUNK_TOKENS, chunked_logprobs_and_entropy, token_logprobs_and_entropy
 
 
 class ChunkedLMHead(torch.nn.Module):
@@ -105,26 +105,32 @@ class LogprobModel(torch.nn.Module):
     def save_pretrained(self, directory, **kwargs) -> None:
         self.hf.save_pretrained(directory, **kwargs)
 
-    def forward(self, targets: torch.Tensor | None = None, temperature: float = 1.0,
-                first_hidden: torch.Tensor | None = None, **inputs: Any):
-        """With ``targets`` ``(b, T)``: ``(logprobs, entropy)`` of them, each ``(b, T)``.
+    def gradient_checkpointing_enable(self, **kwargs) -> None:
+        self.hf.gradient_checkpointing_enable(**kwargs)  # the same layer objects as self.model's
 
-        ``inputs`` are the backbone's (``input_ids``, ``attention_mask``, ``pixel_values``,
+    def forward(self, targets: torch.Tensor | None = None, temperature: float = 1.0,
+                first_logits: torch.Tensor | None = None, **inputs: Any):
+        """With ``targets`` ``(b, T)``: ``(logprobs, entropy)`` of them, each ``(b, T)`` float32.
+
+        ``inputs`` are the model's (``input_ids``, ``attention_mask``, ``pixel_values``,
         ``image_grid_thw``, ``mm_token_type_ids``, ``position_ids``, ``past_key_values``...).
         Full rows (prompt + completion): the last ``T + 1`` positions predict the targets.
-        On a cached prefix (``inputs`` are the completion tokens): ``first_hidden`` ``(b, 1, H)``,
-        the prompt's last hidden state, predicts token 0 and the completion's own positions
-        but the last predict the rest. Without ``targets``: the backbone's output (hidden
-        states, cache, rope deltas), e.g. for the shared prompt pass.
+        On a cached prefix (``inputs`` are the ``T`` completion tokens): ``first_logits``
+        ``(b, 1, V)``, the prefix pass's last logits, predict token 0 and the completion's
+        positions but the last predict the rest.
+
+        Without ``targets``: exactly the Hugging Face model's forward and output (logits,
+        cache), for generation and for the prefix pass (``logits_to_keep=1``).
         """
-        inputs.setdefault("use_cache", False)  # a training forward keeps no KV cache unless asked
-        out = self.model(**inputs)
         if targets is None:
-            return out
-        hidden = out.last_hidden_state  # (b, L, H)
+            return self.hf(**inputs)
+        inputs.setdefault("use_cache", False)  # a training forward keeps no KV cache unless asked
+        hidden = self.model(**inputs).last_hidden_state  # (b, L, H)
         T = targets.shape[1]
-        if first_hidden is None:
-            hidden = hidden[:, -(T + 1):-1]  # position t predicts completion token t
-        else:
-            hidden = torch.cat([first_hidden, hidden[:, :-1]], dim=1)
-        return self.lm_head(hidden, targets=targets, temperature=temperature)
+        if first_logits is None:
+            return self.lm_head(hidden[:, -(T + 1):-1], targets=targets, temperature=temperature)
+        first_lp, first_ent = token_logprobs_and_entropy(first_logits, targets[:, :1], temperature)
+        if T == 1:
+            return first_lp, first_ent
+        rest_lp, rest_ent = self.lm_head(hidden[:, :-1], targets=targets[:, 1:], temperature=temperature)
+        return torch.cat([first_lp, rest_lp], dim=1), torch.cat([first_ent, rest_ent], dim=1)
