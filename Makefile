@@ -49,7 +49,7 @@ test: install cluster-build
 # Without Go: one loud line, and the cluster tests skip (CI sets VISIONR1_REQUIRE_CLUSTER=1
 # and fails instead).
 cluster-build: install
-	@if command -v go >/dev/null; then $(BIN)/python tests/cluster/build.py; \
+	@if command -v go >/dev/null; then $(BIN)/python tests/cluster/gobuild.py; \
 	elif [ "$$VISIONR1_REQUIRE_CLUSTER" = 1 ]; then echo "error: Go is required to build the test control plane" >&2; exit 1; \
 	else echo "!!! Go not found: the tests on the real control plane will be SKIPPED !!!" >&2; fi
 

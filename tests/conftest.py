@@ -20,6 +20,9 @@ from pathlib import Path
 import pytest
 
 CLUSTER_SRC = Path(__file__).resolve().parent / "cluster"
+# The control plane's modules (controlplane, gobuild, pki, kwok_stages) are scripts in a
+# folder that `make cluster` runs directly, not a package: tests import them from here.
+sys.path.insert(0, str(CLUSTER_SRC))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -39,7 +42,6 @@ def cluster(tmp_path_factory):
         line = "SKIPPED cluster tests: Go is not installed, so the real control plane cannot be built"
         print(f"\n{'!' * len(line)}\n{line}\n{'!' * len(line)}", file=sys.stderr)
         pytest.skip(line)
-    sys.path.insert(0, str(CLUSTER_SRC))
     import controlplane
 
     plane = controlplane.ControlPlane(tmp_path_factory.mktemp("cluster"),

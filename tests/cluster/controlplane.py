@@ -1,7 +1,7 @@
 """A real Kubernetes control plane on this machine, for tests and for `make cluster`.
 
 etcd, kube-apiserver, kube-controller-manager and kube-scheduler (built from
-k8s.io/kubernetes, see build.py) and kwok, which plays the kubelet of ``nodes`` fake
+k8s.io/kubernetes, see gobuild.py) and kwok, which plays the kubelet of ``nodes`` fake
 GPU nodes: the scheduler binds pods to them and kwok moves those pods through their
 lives (Running, then Succeeded for a Job's pods) by Stage objects in the API server.
 
@@ -14,7 +14,7 @@ authorization, service-account token signing, a static admin token in
 ``system:masters``, and the OwnerReferencesPermissionEnforcement admission plugin
 (so ``blockOwnerDeletion`` needs the ``finalizers`` permission, as on most clusters).
 
-Making a pod fail: see ``stages.py`` (``failing_stage``) and README.md beside this file.
+Making a pod fail: see ``kwok_stages.py`` (``exit_stage``) and README.md beside this file.
 """
 
 from __future__ import annotations
@@ -37,11 +37,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import build  # noqa: E402  (this folder is not a package: make cluster runs it as a script)
-import certs  # noqa: E402
-import stages  # noqa: E402
+import gobuild  # noqa: E402  (this folder is not a package: make cluster runs it as a script)
+import pki  # noqa: E402
+import kwok_stages  # noqa: E402
 
-SERVICE_CIDR = "10.96.0.0/16"  # matches certs.SERVER_IPS  # cluster IPs are only names here: no kube-proxy routes them
+# Cluster IPs are only names here (no kube-proxy routes them); pki.SERVER_IPS holds
+# the `kubernetes` Service's address from this range.
+SERVICE_CIDR = "10.96.0.0/16"
 CONTROLLERS = ",".join([
     "job-controller", "ttl-after-finished-controller", "garbage-collector-controller",
     "namespace-controller", "serviceaccount-controller", "serviceaccount-token-controller",
@@ -67,6 +69,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 @dataclass
 class Component:
     name: str
@@ -78,8 +88,10 @@ class Component:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         sink = self.log.open("ab")
         # Own process group: Ctrl-C in `make cluster` reaches us, and we stop them in order.
+        # A parent-death signal: if we are killed outright (SIGKILL, a CI timeout), the
+        # kernel stops the component too instead of leaving it holding ports and etcd.
         self.process = subprocess.Popen(self.argv, stdout=sink, stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True)
+                                        start_new_session=True, preexec_fn=_die_with_parent)
         sink.close()
 
     def check_alive(self) -> None:
@@ -120,9 +132,9 @@ class ControlPlane:
     # --- start and stop ----------------------------------------------------------------
 
     def start(self, timeout: float = 180.0) -> "ControlPlane":
-        binaries = build.build_all(self.log)
+        binaries = gobuild.build_all(self.log)
         self._fresh_dirs()
-        pki = certs.write_pki(self.cluster_dir / "pki")
+        tls = pki.write_pki(self.cluster_dir / "pki")
         self.token = secrets.token_hex(16)
         (self.cluster_dir / "tokens.csv").write_text(f'{self.token},admin,admin,"system:masters"\n')
         env = {k: v for k, v in os.environ.items() if not k.startswith("KUBECONFIG")}
@@ -130,12 +142,12 @@ class ControlPlane:
         try:
             etcd_url = self._start_etcd(binaries["k8s"], env)
             self._wait_http(f"{etcd_url}/health", "etcd", deadline)
-            self._start_apiserver(binaries["k8s"], pki, etcd_url, env)
+            self._start_apiserver(binaries["k8s"], tls, etcd_url, env)
             self._wait_api_ready(deadline)
-            self._write_kubeconfig(pki)
+            self._write_kubeconfig(tls)
             self.log(f"[cluster] API server {self.server} ready; kubeconfig {self.kubeconfig}")
             self._install_kwok_stages()
-            self._start_controllers(binaries, pki, env)
+            self._start_controllers(binaries, tls, env)
             self._create_nodes()
             self._wait_nodes_ready(deadline)
             self._wait_default_service_account(deadline)
@@ -180,38 +192,35 @@ class ControlPlane:
         ], env)
         return url
 
-    def _start_apiserver(self, k8s: Path, pki: "certs.PKI", etcd_url: str, env: dict[str, str]) -> None:
+    def _start_apiserver(self, k8s: Path, tls: "pki.PKI", etcd_url: str, env: dict[str, str]) -> None:
         self.api_port = free_port()
         self._component("kube-apiserver", [
             str(k8s), "kube-apiserver",
             f"--etcd-servers={etcd_url}",
             "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
             f"--secure-port={self.api_port}",
-            f"--tls-cert-file={pki.server_cert}", f"--tls-private-key-file={pki.server_key}",
-            f"--client-ca-file={pki.ca_cert}",
+            f"--tls-cert-file={tls.server_cert}", f"--tls-private-key-file={tls.server_key}",
+            f"--client-ca-file={tls.ca_cert}",
             f"--token-auth-file={self.cluster_dir / 'tokens.csv'}",
             "--authorization-mode=RBAC",
             "--enable-admission-plugins=OwnerReferencesPermissionEnforcement",
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-            f"--service-account-key-file={pki.sa_public}",
-            f"--service-account-signing-key-file={pki.sa_private}",
+            f"--service-account-key-file={tls.sa_public}",
+            f"--service-account-signing-key-file={tls.sa_private}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--allow-privileged=true", "--profiling=false",
             # No kubelets: nothing may try to reach a node address for logs or exec.
             "--endpoint-reconciler-type=none",
         ], env)
 
-    def _start_controllers(self, binaries: dict[str, Path], pki: "certs.PKI", env: dict[str, str]) -> None:
+    def _start_controllers(self, binaries: dict[str, Path], tls: "pki.PKI", env: dict[str, str]) -> None:
         k8s, kubeconfig = str(binaries["k8s"]), str(self.kubeconfig)
         self._component("kube-controller-manager", [
             k8s, "kube-controller-manager", f"--kubeconfig={kubeconfig}",
             "--leader-elect=false", f"--controllers={CONTROLLERS}",
-            f"--service-account-private-key-file={pki.sa_private}",
-            f"--root-ca-file={pki.ca_cert}",
+            f"--service-account-private-key-file={tls.sa_private}",
+            f"--root-ca-file={tls.ca_cert}",
             "--bind-address=127.0.0.1", "--secure-port=0",
-            # Seconds, not the default minutes, between a Job's pod finishing and the
-            # controller acting on it when a sync was missed: tests wait on these.
-            "--concurrent-job-syncs=5",
         ], env)
         self._component("kube-scheduler", [
             k8s, "kube-scheduler", f"--kubeconfig={kubeconfig}", "--leader-elect=false",
@@ -280,17 +289,17 @@ class ControlPlane:
 
     # --- objects -----------------------------------------------------------------------
 
-    def _write_kubeconfig(self, pki: "certs.PKI") -> None:
-        ca = base64.b64encode(pki.ca_cert.read_bytes()).decode()
+    def _write_kubeconfig(self, tls: "pki.PKI") -> None:
+        ca = base64.b64encode(tls.ca_cert.read_bytes()).decode()
         partial = self.kubeconfig.with_suffix(".partial")
         partial.write_text(kubeconfig_yaml(self.server, ca, "admin", self.token))
         partial.rename(self.kubeconfig)  # written whole, once the API server answers
 
     def _install_kwok_stages(self) -> None:
-        kwok_source = build.module_dir("sigs.k8s.io/kwok", HERE / "kwok")
-        self.kubectl_apply(stages.crd_yaml(kwok_source))
+        kwok_source = gobuild.module_dir("sigs.k8s.io/kwok", HERE / "kwok")
+        self.kubectl_apply(kwok_stages.crd_yaml(kwok_source))
         self.kubectl("wait", "--for=condition=Established", "crd/stages.kwok.x-k8s.io", "--timeout=60s")
-        self.kubectl_apply(stages.default_stages_yaml(kwok_source))
+        self.kubectl_apply(kwok_stages.default_stages_yaml(kwok_source))
 
     def _create_nodes(self) -> None:
         status = json.dumps({"status": {"capacity": NODE_CAPACITY, "allocatable": NODE_CAPACITY}})
@@ -388,7 +397,7 @@ def main() -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         plane.start()
-    except (ControlPlaneError, build.BuildError) as exc:
+    except (ControlPlaneError, gobuild.BuildError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"export KUBECONFIG={plane.kubeconfig}\n[cluster] running; Ctrl-C stops every component")

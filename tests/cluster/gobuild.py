@@ -10,7 +10,7 @@ key made of everything that decides their bytes: the go.mod/go.sum files, the ma
 package, the Go version and the link flags. A warm cache costs nothing; a cold build
 on 2 cores takes a while, so progress is printed as packages compile.
 
-    python tests/cluster/build.py          # build (or find) both, print their paths
+    python tests/cluster/gobuild.py          # build (or find) both, print their paths
 """
 
 from __future__ import annotations
