@@ -159,6 +159,16 @@ class DatasetRef(Schema):
     limit: int | None = Field(
         default=None, ge=1, description="Read at most this many rows (after shuffling off)."
     )
+    max_image_pixels: int = Field(
+        default=8192 * 8192,
+        ge=1,
+        le=1_000_000_000,
+        description=(
+            "Rows with an image above this many pixels (width x height, read from the "
+            "header) are skipped and counted as oversized_image, as are decompression "
+            "bombs; the model's processor resizes far below this anyway."
+        ),
+    )
 
 
 # --- stage settings (what the trainer needs; the CRD documents them) -------------

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import collections
 import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Generic, Iterable, TypeVar
 
-from .sources import BadRow, cache_root, iter_rows, materialize_image, resolve
+from .sources import BadRow, UnsafePath, cache_root, iter_rows, materialize_image, resolve
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,10 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 SKIP_REASONS = (
     "unparsable_row", "not_an_object", "wrong_type", "missing_image", "unreadable_image",
     "image_count_mismatch", "empty_question", "empty_answer", "bad_conversation",
+    "unsafe_image_path", "oversized_image", "unsafe_object_key",
 )
+# Used where a reader is given no bound (the stage configs pass DatasetRef.maxImagePixels).
+DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192
 
 
 class SkipRow(Exception):
@@ -168,32 +172,50 @@ def _image_values(row: dict) -> list:
     raise SkipRow("missing_image", "no 'images' or 'image'")
 
 
-def _check_readable(path: str) -> None:
+def check_image(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+    """Raise ``SkipRow`` unless ``path`` is a readable image of at most ``max_pixels``.
+
+    Only the header is read for the size, and ``verify`` checks structure without decoding
+    every pixel: a 22 KB PNG can claim 180 megapixels (a decompression bomb), which PIL
+    refuses with ``DecompressionBombError`` above twice its own limit and only warns about
+    below it. Both, and anything above ``max_pixels``, skip the row as ``oversized_image``.
+    """
     from PIL import Image, UnidentifiedImageError
 
-    try:
-        with Image.open(path) as img:
-            img.verify()  # structure and checksums, without decoding every pixel
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise SkipRow("unreadable_image", f"{path}: {exc}") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as img:
+                width, height = img.size
+                if width * height > max_pixels:
+                    raise SkipRow("oversized_image", f"{path}: {width}x{height} is above {max_pixels} pixels")
+                img.verify()  # structure and checksums, without decoding every pixel
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise SkipRow("oversized_image", f"{path}: {exc}") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise SkipRow("unreadable_image", f"{path}: {exc}") from None
 
 
 class _RowContext:
     """What row parsers need besides the row: where images live, the cache, storage."""
 
-    def __init__(self, base_dir: Path | None, cache: Path, storage=None):
+    def __init__(self, base_dir: Path | None, cache: Path, storage=None,
+                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
         self.base_dir, self.cache, self.storage = base_dir, cache, storage
+        self.max_pixels = max_pixels
 
     def images(self, row: dict) -> list[str]:
         paths = []
         for value in _image_values(row):
             try:
                 path = materialize_image(value, self.base_dir, self.cache, self.storage)
+            except UnsafePath as exc:
+                raise SkipRow("unsafe_image_path", str(exc)) from None
             except LookupError as exc:
                 raise SkipRow("missing_image", str(exc)) from None
             except TypeError as exc:
                 raise SkipRow("wrong_type", str(exc)) from None
-            _check_readable(path)
+            check_image(path, self.max_pixels)
             paths.append(path)
         return paths
 
@@ -304,10 +326,16 @@ def read_dataset(ref, schema: str, storage=None, cache_dir: str | Path | None = 
         raise ValueError(f"unknown schema {schema!r}; valid: {', '.join(SCHEMAS)}")
     parse, expected = SCHEMAS[schema]
     resolved = resolve(ref.source, ref.split, storage, cache_dir)
-    ctx = _RowContext(resolved.base_dir, cache_root(cache_dir), storage)
+    ctx = _RowContext(resolved.base_dir, cache_root(cache_dir), storage, max_image_pixels(ref))
     result = parse_rows(iter_rows(resolved, ref.subset, ref.split), ref, parse, expected, ctx)
+    result.skipped.update(resolved.skipped)
     _log_result(result, schema)
     return result
+
+
+def max_image_pixels(ref) -> int:
+    """The ref's image size bound (``DatasetRef.maxImagePixels``), or the default."""
+    return getattr(ref, "max_image_pixels", None) or DEFAULT_MAX_IMAGE_PIXELS
 
 
 def parse_rows(rows, ref, parse, fields, ctx) -> ReadResult:

@@ -44,6 +44,32 @@ class DataSourceError(Exception):
     """A data source that cannot be read at all (as opposed to a broken row)."""
 
 
+class UnsafePath(ValueError):
+    """A name from a store or a row that would resolve outside its root (``..``, absolute,
+    ``//``, a symlink out): the object or row is skipped and counted, never followed."""
+
+
+def inside(root: Path, relative: str) -> Path:
+    """``root / relative``, resolved, if it stays inside ``root``; else ``UnsafePath``.
+
+    Checked twice on purpose (OWASP path traversal): the name itself (no absolute path, no
+    empty, ``.`` or ``..`` segment, no backslash or NUL), and the resolved path, which
+    also catches a symlink inside the root that points out of it.
+    """
+    if (not relative or relative.startswith("/") or "\\" in relative or "\x00" in relative
+            or any(part in ("", ".", "..") for part in relative.split("/"))):
+        raise UnsafePath(f"{relative!r} is not a plain relative path")
+    return inside_root(root, root / relative, relative)
+
+
+def inside_root(root: Path, path: Path, name: str = "") -> Path:
+    """``path`` resolved, if it lies under ``root`` (resolved too); else ``UnsafePath``."""
+    real_root, real = root.resolve(), path.resolve()
+    if real != real_root and not real.is_relative_to(real_root):
+        raise UnsafePath(f"{name or str(path)!r} resolves outside {root}")
+    return real
+
+
 class BadRow:
     """Stands in for a row that could not even be parsed (a torn JSON line)."""
 
@@ -68,13 +94,20 @@ class ResolvedSource:
     base_dir: Path | None = None  # relative image paths are resolved against this
     hub_name: str | None = None
     saved_dataset: Path | None = None  # a ``Dataset.save_to_disk`` directory
+    # Objects of the source not fetched, by reason (``unsafe_object_key``); the readers add
+    # them to the rows they skip, so nothing vanishes without a count.
+    skipped: dict[str, int] = field(default_factory=dict)
 
 
 def resolve(source: str, split: str = "train", storage=None, cache_dir: str | Path | None = None) -> ResolvedSource:
     """Turn ``DatasetRef.source`` into local files (downloading if needed) or a hub name."""
     if source.startswith("s3://"):
-        local = _fetch_s3(source, storage, cache_root(cache_dir))
-        return _local(source, local, split)
+        unsafe: list[str] = []
+        local = _fetch_s3(source, storage, cache_root(cache_dir), unsafe)
+        resolved = _local(source, local, split)
+        if unsafe:
+            resolved.skipped["unsafe_object_key"] = len(unsafe)
+        return resolved
     if source.startswith("pvc://"):
         from ..storage import open_store
 
@@ -121,7 +154,7 @@ def _pick_files(directory: Path, split: str) -> list[Path]:
     return named or found
 
 
-def _fetch_s3(uri: str, storage, cache: Path) -> Path:
+def _fetch_s3(uri: str, storage, cache: Path, unsafe: list[str]) -> Path:
     """Download an s3:// data source into the cache; return the local file or directory."""
     from ..storage import StorageError, open_store
 
@@ -139,7 +172,7 @@ def _fetch_s3(uri: str, storage, cache: Path) -> Path:
                 return _fetch_artifact(parent_store, name, local)
         except StorageError:
             pass
-    return _download_objects(store, local)
+    return _download_objects(store, local, unsafe)
 
 
 def _fetch_artifact(store, name: str, local: Path) -> Path:
@@ -147,8 +180,12 @@ def _fetch_artifact(store, name: str, local: Path) -> Path:
     return store.fetch_dir(name, local)
 
 
-def _download_objects(store, local: Path) -> Path:
-    """Plain objects under an S3 prefix (or one object), mirrored into ``local``."""
+def _download_objects(store, local: Path, unsafe: list[str]) -> Path:
+    """Plain objects under an S3 prefix (or one object), mirrored into ``local``.
+
+    A key is a name someone else chose: one that would land outside ``local`` (``..``,
+    ``prefix//abs/path``) is not downloaded; it is appended to ``unsafe`` and logged.
+    """
     client, bucket, prefix = store.client, store.bucket, store.prefix
 
     def keys_under(p: str) -> list[str]:
@@ -165,10 +202,18 @@ def _download_objects(store, local: Path) -> Path:
     if not keys:
         raise DataSourceError(f"{store.uri}: no objects there")
     shutil.rmtree(local, ignore_errors=True)
+    local.mkdir(parents=True, exist_ok=True)
     for key in keys:
-        target = local / key[len(base):]
+        try:
+            target = inside(local, key[len(base):])
+        except UnsafePath as exc:
+            unsafe.append(key)
+            log.warning("%s: object key skipped: %s", store.uri, exc)
+            continue
         target.parent.mkdir(parents=True, exist_ok=True)
         client.download_file(bucket, key, str(target))
+    if len(unsafe) == len(keys):
+        raise DataSourceError(f"{store.uri}: every object key there is unsafe ({len(keys)} keys)")
     return local
 
 
@@ -250,7 +295,10 @@ def materialize_image(value: Any, base_dir: Path | None, cache: Path, storage=No
     ``value`` is a path (absolute, relative to the data file, ``file://`` or ``s3://``),
     raw bytes, a ``{"bytes": ..., "path": ...}`` dict (the ``datasets`` Image feature) or
     a PIL image. Bytes and PIL images are written to the cache under their content hash.
-    Raises ``LookupError`` when the image does not exist, ``TypeError`` for other types.
+    Raises ``LookupError`` when the image does not exist, ``TypeError`` for other types,
+    ``UnsafePath`` when a path resolves outside ``base_dir`` (a row must not read, and the
+    bridge must not upload, ``/etc/passwd`` or ``../../secrets``) or there is no
+    ``base_dir`` to hold it (a hub data set's rows carry images, not paths).
     """
     if isinstance(value, dict):
         if value.get("bytes"):
@@ -269,8 +317,11 @@ def materialize_image(value: Any, base_dir: Path | None, cache: Path, storage=No
     if value.startswith("s3://"):
         return _cache_s3_object(value, cache, storage)
     path = Path(value[len("file://"):] if value.startswith("file://") else value)
-    if not path.is_absolute() and base_dir is not None:
+    if base_dir is None:
+        raise UnsafePath(f"image path {value!r} has no data directory to lie in")
+    if not path.is_absolute():
         path = base_dir / path
+    path = inside_root(base_dir, path, value)
     if not path.is_file():
         raise LookupError(f"no image at {path}")
     return str(path)

@@ -42,8 +42,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..answers import choice_letter, last_boxed_content
-from ..data.formats import ReadResult, SkipRow, load_rgb, parse_rows
-from ..data.sources import cache_root, iter_rows, materialize_image, resolve
+from ..data.formats import DEFAULT_MAX_IMAGE_PIXELS, ReadResult, SkipRow, check_image, load_rgb, max_image_pixels, parse_rows
+from ..data.sources import UnsafePath, cache_root, iter_rows, materialize_image, resolve
 from .extract import LETTERS, option_letter, parse_inline_choices
 
 __all__ = ["EvalItem", "FORMATS", "MATHVISTA_SKILLS", "MATHVISTA_TASKS", "load_benchmark"]
@@ -135,8 +135,10 @@ def register(name: str, fields: tuple[str, ...], default_split: str | None = Non
 class RowContext:
     """Where a row's relative image paths point, the image cache, the storage settings."""
 
-    def __init__(self, base_dir: Path | None, cache: Path, storage=None):
+    def __init__(self, base_dir: Path | None, cache: Path, storage=None,
+                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
         self.base_dir, self.cache, self.storage = base_dir, cache, storage
+        self.max_pixels = max_pixels
 
     def images(self, row: dict, keys: tuple[str, ...], required: bool = True) -> list[str]:
         """Local paths of the images under the first of ``keys`` that holds any."""
@@ -157,11 +159,13 @@ class RowContext:
         for candidate in candidates:
             try:
                 path = materialize_image(candidate, self.base_dir, self.cache, self.storage)
+            except UnsafePath as exc:
+                raise SkipRow("unsafe_image_path", str(exc)) from None
             except LookupError:
                 continue
             except TypeError as exc:
                 raise SkipRow("wrong_type", str(exc)) from None
-            _check_readable(path)
+            check_image(path, self.max_pixels)
             return path
         raise SkipRow("missing_image", f"no image at {value!r}")
 
@@ -173,16 +177,6 @@ def _empty_image(value: Any) -> bool:
     return value is None or value == ""
 
 
-def _check_readable(path: str) -> None:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            img.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise SkipRow("unreadable_image", f"{path}: {exc}") from None
-
-
 def load_benchmark(spec, storage=None, cache_dir: str | Path | None = None) -> ReadResult[EvalItem]:
     """The items of ``spec`` (a ``BenchmarkSpec``), broken rows skipped and counted."""
     if spec.format not in FORMATS:
@@ -192,8 +186,9 @@ def load_benchmark(spec, storage=None, cache_dir: str | Path | None = None) -> R
     if split == DEFAULT_SPLIT and fmt.default_split:
         split, subset = fmt.default_split, subset or fmt.default_subset
     resolved = resolve(ref.source, split, storage, cache_dir)
-    ctx = RowContext(resolved.base_dir, cache_root(cache_dir), storage)
+    ctx = RowContext(resolved.base_dir, cache_root(cache_dir), storage, max_image_pixels(ref))
     result = parse_rows(iter_rows(resolved, subset, split), ref, fmt.parse, fmt.fields, ctx)
+    result.skipped.update(resolved.skipped)
     level = logging.WARNING if result.skipped else logging.INFO
     log.log(level, "%s (%s, split %s): kept %d of %d rows; skipped %s", ref.source, spec.format, split,
             len(result.items), result.rows_read, dict(sorted(result.skipped.items())))
