@@ -304,9 +304,11 @@ def _load(path: Path) -> dict[str, Any]:
 def _deepspeed_state_classes() -> list:
     try:
         from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
     except Exception:  # DeepSpeed absent: its states cannot occur
         return []
-    return [LossScaler, DynamicLossScaler]
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
 # --- where a stage's model comes from ---------------------------------------------------------
