@@ -9,6 +9,13 @@ are in flight; 429, 5xx, timeouts and dropped connections are retried up to
 honoured); other 4xx answers fail the request at once. ``timeoutSeconds`` bounds each
 socket operation (connect, and every read while waiting for the answer).
 
+Redirects: the key is sent to the endpoint's own origin only. A redirect to another
+scheme, host or port is refused (the request fails as ``openai_cross_origin_redirect``,
+not retried), since urllib would re-send ``Authorization`` there; a same-origin one is
+followed, keeping the POST and its body for 307/308. A plain ``http://`` endpoint other
+than loopback is allowed (in-cluster Services often are) with one warning: the key and
+the images travel unencrypted.
+
 Reasoning models served with a reasoning parser return the chain of thought apart from
 the answer (``reasoning_content`` or ``reasoning``); it is kept as ``Completion.reasoning``.
 """
@@ -16,6 +23,7 @@ the answer (``reasoning_content`` or ``reasoning``); it is kept as ``Completion.
 from __future__ import annotations
 
 import collections
+import ipaddress
 import json
 import logging
 import os
@@ -24,10 +32,12 @@ import socket
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
+from ...redact import redact
 from . import API_KEY_ENV, Completion, Generator, GeneratorContext, Progress, Request, chat_messages, register
 
 log = logging.getLogger(__name__)
@@ -50,6 +60,9 @@ class OpenAIGenerator(Generator):
         self.spec, self.ctx = spec, ctx
         self.url = spec.endpoint.rstrip("/") + "/chat/completions"
         self._api_key = os.environ.get(API_KEY_ENV[ctx.role]) or None
+        warn_if_plain_http(spec.endpoint)
+        # One opener per generator: its redirect handler knows the endpoint's origin.
+        self._opener = urllib.request.build_opener(_SameOriginRedirects(self.url))
         self._rng = random.Random(ctx.seed)
         self._lock = threading.Lock()
         self.counters: collections.Counter = collections.Counter()  # retries and failures by kind
@@ -96,8 +109,10 @@ class OpenAIGenerator(Generator):
             headers["Authorization"] = f"Bearer {self._api_key}"
         req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(req, timeout=self.spec.timeout_seconds) as resp:
+            with self._opener.open(req, timeout=self.spec.timeout_seconds) as resp:
                 payload = resp.read()
+        except _Fatal:
+            raise
         except urllib.error.HTTPError as exc:
             raise _classify(exc) from None
         except (TimeoutError, socket.timeout):
@@ -132,6 +147,60 @@ class _Fatal(Exception):
         self.kind = kind
 
 
+def origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) with the scheme's default port filled in."""
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    return parts.scheme, (parts.hostname or "").lower(), port
+
+
+class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects within the endpoint's origin only; refuse the others.
+
+    urllib copies every header but the content ones onto the redirected request, so a
+    301 to another host would hand it ``Authorization: Bearer <key>``.
+    """
+
+    def __init__(self, url: str):
+        self.origin = origin(url)
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        target = urllib.parse.urljoin(req.full_url, newurl)
+        if origin(target) != self.origin:
+            fp.close()  # urllib closes it only after a redirect it follows
+            scheme, host, port = origin(target)
+            log.warning("openai endpoint redirected to another origin (%s://%s:%s); refused, the "
+                        "API key is sent to %s://%s:%s only", scheme, host, port, *self.origin)
+            raise _Fatal("cross_origin_redirect")
+        if code in (307, 308) and req.get_method() == "POST":
+            # urllib refuses these for POST; within the origin, re-POST the same body.
+            return urllib.request.Request(target, data=req.data, headers=dict(req.header_items()),
+                                          method="POST")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_warned_plain_http: set[str] = set()
+
+
+def warn_if_plain_http(endpoint: str) -> None:
+    """Warn once per endpoint that is plain ``http://`` and not loopback."""
+    scheme, host, _ = origin(endpoint)
+    if scheme != "http" or endpoint in _warned_plain_http or _is_loopback(host):
+        return
+    _warned_plain_http.add(endpoint)
+    log.warning("endpoint %s is plain http: the API key and the prompts travel unencrypted "
+                "(use https outside a trusted network)", redact(endpoint))
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def _classify(exc: urllib.error.HTTPError) -> Exception:
     status = exc.code
     detail = ""
@@ -141,7 +210,8 @@ def _classify(exc: urllib.error.HTTPError) -> Exception:
         pass
     if status in RETRY_STATUS or status >= 500:
         return Retryable(f"http_{status}", _retry_after(exc.headers.get("Retry-After")))
-    log.warning("openai endpoint answered %d: %s", status, detail[:300])
+    # The body is the endpoint's words: it may echo the key or the request, so redact it.
+    log.warning("openai endpoint answered %d: %s", status, redact(detail[:300]))
     return _Fatal(f"http_{status}")
 
 
