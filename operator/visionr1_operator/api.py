@@ -33,6 +33,8 @@ from visionr1_trainer.config import (
     raise_problems,
 )
 
+from .affinity import MAX_LABELS, Affinity, LabelValue
+
 GROUP = "visionr1.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -91,17 +93,14 @@ class Resources(Schema):
         default="16Gi",
         description="Size of the memory-backed /dev/shm (NCCL and data loaders need more than the default 64Mi).",
     )
-    node_selector: dict[str, str] = Field(
-        default_factory=dict, description="Node labels the pods must match."
+    node_selector: dict[str, LabelValue] = Field(
+        default_factory=dict, max_length=MAX_LABELS, description="Node labels the pods must match."
     )
     tolerations: list[Toleration] = Field(
         default_factory=list, max_length=64, description="Taints the pods tolerate."
     )
-    affinity: dict[str, Any] | None = Field(
-        default=None,
-        description="A core/v1 Affinity object, passed to the pods as is.",
-        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
-    )
+    # Typed and bounded, never free-form: see affinity.py for what a free-form one allowed.
+    affinity: Affinity | None = Field(default=None, description="A core/v1 Affinity for the pods.")
     priority_class_name: str | None = Field(
         default=None, max_length=253, pattern=DNS_SUBDOMAIN, description="PriorityClass of the pods."
     )

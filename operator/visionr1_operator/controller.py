@@ -250,7 +250,8 @@ class RunController:
         pods = pods_of(await self.kube.list_job_pods(self.key[0], job.name), job.name)
         url = metrics_endpoint(pods)
         text = await self.op.scraper.fetch(url) if url else None
-        progress = parse_progress(text, self.key[1], current.name, now) if text else None
+        # Parsed in a thread: the page is the tenant's, and the event loop serves every run.
+        progress = await asyncio.to_thread(parse_progress, text, self.key[1], current.name, now) if text else None
         return None if same_progress(progress, self.status.progress) else progress
 
     async def _apply(self, run: VisionR1Run | None, decision: Decision) -> None:

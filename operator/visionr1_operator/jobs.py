@@ -261,7 +261,8 @@ def _pod_spec(owner: Owner, spec: VisionR1RunSpec, plan: StagePlan, attempt: int
     if r.tolerations:
         pod["tolerations"] = [t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in r.tolerations]
     if r.affinity:
-        pod["affinity"] = r.affinity
+        # Only what the manifest said: empty lists and unset terms stay out of the pod.
+        pod["affinity"] = r.affinity.model_dump(mode="json", by_alias=True, exclude_defaults=True)
     if r.image_pull_secrets:
         pod["imagePullSecrets"] = [{"name": s} for s in r.image_pull_secrets]
     return pod

@@ -61,23 +61,61 @@ def same_progress(a: Progress | None, b: Progress | None) -> bool:
     return a.model_copy(update={"updated_at": None}) == b.model_copy(update={"updated_at": None})
 
 
-class Scraper:
-    """One HTTP session for every scrape of the operator (short timeouts: a slow pod waits)."""
+# A trainer's page holds a few dozen series; anything past this is not a trainer's page.
+MAX_PAGE_BYTES = 1 << 20
+_CHUNK = 64 << 10
 
-    def __init__(self, timeout_seconds: float = 3.0):
+
+def keep_series(lines: list[bytes]) -> list[bytes]:
+    """The lines of the four series progress needs (samples and their HELP/TYPE lines):
+    whatever else a page holds is never parsed."""
+    out = []
+    for line in lines:
+        text = line.lstrip(b"# ").removeprefix(b"HELP ").removeprefix(b"TYPE ")
+        if text.startswith(_PREFIXES):
+            out.append(line)
+    return out
+
+
+_PREFIXES = tuple(name.encode() for name in _SERIES)
+
+
+class Scraper:
+    """One HTTP session for every scrape of the operator (short timeouts: a slow pod waits).
+
+    The page comes from a pod whose image the tenant chose, so it is read as untrusted:
+    no redirect is followed (it could point the operator at any address), at most
+    ``MAX_PAGE_BYTES`` are read (a bigger page is dropped, not buffered), and only the
+    lines of the series progress needs are kept for parsing.
+    """
+
+    def __init__(self, timeout_seconds: float = 3.0, max_bytes: int = MAX_PAGE_BYTES):
         self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
+        self._max_bytes = max_bytes
         self._session: aiohttp.ClientSession | None = None
 
     async def fetch(self, url: str) -> str | None:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
         try:
-            async with self._session.get(url) as response:
+            async with self._session.get(url, allow_redirects=False) as response:
                 if response.status != 200:
-                    return None
-                return await response.text()
-        except (aiohttp.ClientError, TimeoutError, OSError):
+                    return None  # a redirect (3xx) included: never followed
+                return await self._read_bounded(response)
+        except (aiohttp.ClientError, TimeoutError, OSError, UnicodeDecodeError):
             return None  # the pod is starting, restarting or gone: try again next time
+
+    async def _read_bounded(self, response: aiohttp.ClientResponse) -> str | None:
+        kept: list[bytes] = []
+        pending, total = b"", 0
+        async for chunk in response.content.iter_chunked(_CHUNK):
+            total += len(chunk)
+            if total > self._max_bytes:
+                return None  # stop reading: the rest of the page never enters memory
+            *lines, pending = (pending + chunk).split(b"\n")
+            kept += keep_series(lines)
+        kept += keep_series([pending])
+        return b"\n".join(kept).decode("utf-8") + "\n"
 
     async def close(self) -> None:
         if self._session is not None:

@@ -1,0 +1,66 @@
+"""A hostile tenant against the operator on the real control plane (issue: multi-tenant safety)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from cluster_harness import ensure_namespace, get_json, operator_process, wait_until
+from operator_harness import run_manifest
+
+from visionr1_operator.jobs import LABEL_RUN
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def nested(depth: int) -> dict:
+    """``{"x": {"x": ... {}}}``, ``depth`` levels deep (built without recursion)."""
+    inner: dict = {}
+    for _ in range(depth):
+        inner = {"x": inner}
+    return inner
+
+
+def _dumps(doc: dict) -> str:
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 10_000))  # json.dumps recurses once per level
+    try:
+        return json.dumps(doc)
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+@pytest.fixture
+def crd_installed(cluster):
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
+    cluster.kubectl("wait", "--for=condition=Established", "crd/visionr1runs.visionr1.io", "--timeout=60s")
+    cluster.wait_for_resource("vr1")
+    return cluster
+
+
+def test_a_deeply_nested_affinity_cannot_stop_the_operator_for_other_tenants(crd_installed, tmp_path):
+    cluster = crd_installed
+    ensure_namespace(cluster, "tenant-a")
+    ensure_namespace(cluster, "tenant-b")
+    log = tmp_path / "operator.log"
+    with operator_process(cluster.kubeconfig, ["--standalone"], log) as operator:
+        hostile = run_manifest("hostile", "tenant-a")
+        hostile["spec"]["stages"]["sft"]["resources"] = {"affinity": {"nodeAffinity": nested(1500)}}
+        refused = cluster.kubectl("create", "-f", "-", input=_dumps(hostile), check=False)
+
+        cluster.kubectl("create", "-f", "-", input=json.dumps(run_manifest("innocent", "tenant-b")))
+        # The other tenant's run gets its first Job: the operator's watch is alive.
+        wait_until(lambda: get_json(cluster, "jobs", "-n", "tenant-b", "-l", f"{LABEL_RUN}=innocent")["items"],
+                   90, "tenant-b's first Job")
+        assert operator.poll() is None
+        assert "RecursionError" not in log.read_text(errors="replace")
+        # The API server itself refuses the hostile object: affinity has a typed, bounded schema.
+        assert refused.returncode != 0, "the API server stored a 1,500-level affinity"
+        assert "spec.stages.sft.resources.affinity" in refused.stderr, refused.stderr
+        # Cleaned up while the operator runs: it removes its finalizer from each run.
+        for namespace in ("tenant-a", "tenant-b"):
+            cluster.kubectl("delete", "vr1", "--all", "-n", namespace, "--timeout=60s", check=False)
