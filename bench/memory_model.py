@@ -6,7 +6,9 @@
 What one GPU holds (bytes; Psi parameters, N ranks; ZeRO stage z partitions what it names):
 
     policy weights   2 Psi            bf16, / N at z = 3
-    gradients        2 Psi            bf16, / N at z >= 2
+    gradients        4 Psi            fp32 (DeepSpeed accumulates in fp32: grad_accum_dtype, as
+                                      distributed.deepspeed_config sets), / N at z >= 2; the torch
+                                      engine (z = 0) keeps bf16 gradients (2 Psi) and fp32 copies
     optimizer        12 Psi           fp32 master copy + Adam m, v (ZeRO paper's K = 12), / N at z >= 1
     reference        2 Psi            bf16 frozen copy when beta > 0, / N when partitioned (z = 3)
     ZeRO-3 gathers   2 (2 L_max + V H) the largest gathered set: two decoder layers (prefetch) + lm_head
@@ -112,7 +114,8 @@ def model_states(psi: int, ranks: int, zero: int, reference: bool, reference_par
     """Weights, gradients, optimizer state and the reference copy on one GPU (bytes)."""
     return {
         "weights": BF16 * psi / (ranks if zero == 3 else 1),
-        "gradients": BF16 * psi / (ranks if zero >= 2 else 1),
+        # fp32 accumulation partitions; the torch engine's bf16 .grad beside its fp32 master grads
+        "gradients": 4 * psi / (ranks if zero >= 2 else 1) + (BF16 * psi if zero == 0 else 0),
         "optimizer": 12 * psi / (ranks if zero >= 1 else 1),
         "reference": (BF16 * psi / (ranks if reference_partitioned and zero == 3 else 1)) if reference else 0.0,
     }
@@ -329,6 +332,77 @@ LOGPROB_SCRIPT = textwrap.dedent(f"""
 """)
 
 
+# Model states under the project's engines (grpo/engine.py): the resident anonymous memory a
+# rank adds from before the engine is made to after one training step (steady state).
+STATES_SCRIPT = textwrap.dedent("""
+    import gc, json, sys
+    import torch
+    from visionr1_trainer.distributed import init_distributed
+    from visionr1_trainer.grpo.engine import EngineSpec, make_engine
+    from visionr1_trainer.models.loading import load_model_config
+    def anon():  # file-backed pages (libraries, mmapped weights) excluded
+        return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("RssAnon:"))
+    zero, path = int(sys.argv[1]), sys.argv[2]
+    torch.set_num_threads(1)
+    env = init_distributed()
+    def build():  # random weights from the config: partitioned as built under ZeRO-3
+        from transformers import AutoModelForImageTextToText
+        return AutoModelForImageTextToText.from_config(load_model_config(path), dtype=torch.bfloat16)
+    gc.collect()
+    base = anon()
+    engine = make_engine(build, lambda: load_model_config(path), env, EngineSpec(zero, "bf16", 1, 1.0, 1e-4))
+    ids = torch.randint(20, 200, (1, 32))
+    out = engine(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, use_cache=False)
+    engine.backward(out.loss, last=True)
+    engine.step()
+    del out
+    gc.collect()
+    print(json.dumps({"rank": env.rank, "delta": anon() - base}))
+""")
+STATES_RUNS = ((0, 1), (2, 2), (3, 2))  # (ZeRO stage, ranks): the torch engine, then DeepSpeed
+STATES_SIZES = (512, 1024)  # hidden sizes of two 8-layer models: the slope cancels fixed overheads
+
+
+def measure_states(zero: int, ranks: int, model_dir: str) -> list[int]:
+    """Each rank's steady-state bytes for the engine at ``zero`` over ``ranks`` CPU ranks (gloo)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    base = {**os.environ, "DS_ACCELERATOR": "cpu", "MALLOC_MMAP_THRESHOLD_": str(2**20), "WORLD_SIZE": str(ranks),
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    procs = [subprocess.Popen([sys.executable, "-c", STATES_SCRIPT, str(zero), model_dir], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in range(ranks)]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    return [json.loads(o.strip().splitlines()[-1])["delta"] for o in outs]
+
+
+def check_states(work: str) -> list[dict]:
+    """Measured bytes per parameter (slope over two model sizes) against the model's."""
+    from transformers import AutoModelForImageTextToText
+
+    from visionr1_trainer.models.tiny import build_tiny_vlm
+
+    dirs, params = [], []
+    for hidden in STATES_SIZES:
+        path = build_tiny_vlm(os.path.join(work, f"h{hidden}"), hidden_size=hidden, layers=8)
+        dirs.append(str(path))
+        params.append(sum(p.numel() for p in AutoModelForImageTextToText.from_pretrained(path).parameters()))
+    rows = []
+    for zero, ranks in STATES_RUNS:
+        per_size = [measure_states(zero, ranks, d) for d in dirs]
+        means = [statistics.mean(m) for m in per_size]
+        slope = (means[1] - means[0]) / (params[1] - params[0])
+        predicted = sum(model_states(1, ranks, zero, False, False).values())  # bytes per parameter
+        rows.append({"what": f"states ZeRO-{zero}, {ranks} rank(s)", "params": params, "measured_bytes": per_size,
+                     "measured_bytes_per_param": slope, "predicted_bytes_per_param": predicted,
+                     "ratio": slope / predicted,
+                     "fixed_mib": (means[1] - slope * params[1]) / 2**20})
+    return rows
+
+
 def measure(mode: str, tokens: int) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}  # freed tensors leave RSS at once
     script = LOGPROB_SCRIPT if mode.startswith("logprobs") else CHECK_SCRIPT
@@ -390,13 +464,22 @@ def main(argv=None) -> None:
         print()
         print(breakdown(QWEN25_VL["7B"], Settings(ranks=8), 8192, 8))
         return
+    import tempfile
+
     rows = check(args.repeats, args.tokens)
+    states = check_states(tempfile.mkdtemp(prefix="memory-check-"))
     result = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}",
               "method": "ru_maxrss delta in a fresh process, MALLOC_MMAP_THRESHOLD_=1MiB, after a warm-up step",
-              "rows": rows}
+              "rows": rows,
+              "states_method": "RssAnon delta per rank from before make_engine to after one step (gloo, "
+                               "DS_ACCELERATOR=cpu, bf16), slope over two model sizes",
+              "states": states}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(result, fh, indent=2)
+    for r in states:
+        print(f"{r['what']}: {r['measured_bytes_per_param']:.2f} bytes/parameter measured, "
+              f"{r['predicted_bytes_per_param']:.2f} predicted (ratio {r['ratio']:.2f}), fixed {r['fixed_mib']:.0f} MiB")
     for r in rows:
         print(f"{r['what']:>16}: predicted {r['predicted_mib']:.0f} MiB, measured "
               f"{min(r['measured_mib']):.0f}-{max(r['measured_mib']):.0f} MiB, ratio {r['ratio']:.2f}")
