@@ -29,6 +29,8 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "grafana": {"dashboard": {"enabled": True, "namespace": "monitoring",
                                   "annotations": {"grafana_folder": "VisionR1"}}},
     },
+    "policy": {"policy": {"serviceAccounts": ["default", "trainer"], "priorityClasses": ["research-low"],
+                          "imagePrefixes": ["registry.example.com/ml/"]}},
     "custom-images": {
         "image": {"repository": "registry.example.com/ml/visionr1-operator", "tag": "0.1.0-rc1",
                   "pullPolicy": "Always"},

@@ -64,3 +64,34 @@ def test_a_deeply_nested_affinity_cannot_stop_the_operator_for_other_tenants(crd
         # Cleaned up while the operator runs: it removes its finalizer from each run.
         for namespace in ("tenant-a", "tenant-b"):
             cluster.kubectl("delete", "vr1", "--all", "-n", namespace, "--timeout=60s", check=False)
+
+
+def test_the_admins_policy_refuses_a_run_before_any_pod_exists(crd_installed, tmp_path):
+    """With --allow-image-prefix and --allow-priority-class, a run asking for another image
+    or a critical priority class gets InvalidSpec naming the field, and no Job."""
+    cluster = crd_installed
+    ensure_namespace(cluster, "tenant-c")
+    log = tmp_path / "operator.log"
+    flags = ["--standalone", "--allow-image-prefix=registry.example.com/", "--allow-priority-class=research-low"]
+    with operator_process(cluster.kubeconfig, flags, log):
+        greedy = run_manifest("greedy", "tenant-c")
+        greedy["spec"]["stages"]["sft"]["resources"] = {"priorityClassName": "system-cluster-critical"}
+        miner = run_manifest("miner", "tenant-c", image="docker.io/evil/miner:latest")
+        fine = run_manifest("fine", "tenant-c")
+        for doc in (greedy, miner, fine):
+            cluster.kubectl("create", "-f", "-", input=json.dumps(doc))
+
+        def invalid(name: str):
+            status = get_json(cluster, "vr1", name, "-n", "tenant-c").get("status") or {}
+            return next((c for c in status.get("conditions", [])
+                         if c["type"] == "InvalidSpec" and c["status"] == "True"), None)
+
+        greedy_condition = wait_until(lambda: invalid("greedy"), 60, "InvalidSpec on greedy")
+        assert "spec.stages.sft.resources.priorityClassName" in greedy_condition["message"]
+        miner_condition = wait_until(lambda: invalid("miner"), 60, "InvalidSpec on miner")
+        assert "docker.io/evil/miner:latest" in miner_condition["message"]
+        wait_until(lambda: get_json(cluster, "jobs", "-n", "tenant-c", "-l", f"{LABEL_RUN}=fine")["items"],
+                   60, "the allowed run's first Job")
+        for name in ("greedy", "miner"):
+            assert get_json(cluster, "jobs", "-n", "tenant-c", "-l", f"{LABEL_RUN}={name}")["items"] == []
+        cluster.kubectl("delete", "vr1", "--all", "-n", "tenant-c", "--timeout=60s", check=False)

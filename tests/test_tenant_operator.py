@@ -146,3 +146,48 @@ async def test_an_ordinary_page_still_gives_progress():
     progress = parse_progress(text, "r", "ptst-1", datetime.now(timezone.utc))
     assert progress.step == 7 and progress.total_steps == 50
     assert sys.getsizeof(text) < 1024
+
+
+# --- the admin's policy: ServiceAccounts, priority classes, images ----------------------
+
+
+def _plans(**resources):
+    from visionr1_operator.plan import build_plan
+
+    doc = run_manifest("policy-check")
+    for stage in ("sft", "grpo"):
+        doc["spec"]["stages"][stage]["resources"] = dict(resources)
+    return build_plan(VisionR1Run.model_validate(doc, by_alias=True, by_name=False))
+
+
+def test_an_empty_policy_allows_anything():
+    from visionr1_operator.policy import Policy, policy_problems
+
+    assert policy_problems(_plans(serviceAccountName="admin", priorityClassName="system-node-critical"),
+                           Policy()) == []
+
+
+def test_the_policy_refuses_what_it_does_not_list_naming_the_field():
+    from visionr1_operator.policy import Policy, policy_problems
+
+    policy = Policy(service_accounts=("default",), priority_classes=("research-low",),
+                    image_prefixes=("registry.example.com/",))
+    problems = dict(policy_problems(_plans(serviceAccountName="cluster-admin-ish",
+                                           priorityClassName="system-node-critical", image="evil.io/miner:1"),
+                                    policy))
+    assert "cluster-admin-ish" in problems["stages.sft.resources.serviceAccountName"]
+    assert "system-node-critical" in problems["stages.sft.resources.priorityClassName"]
+    assert "evil.io/miner:1" in problems["stages.sft.resources.image"]
+    # Both PTST stages run with stages.grpo's resources: named once.
+    assert "stages.grpo.resources.image" in problems and not any("ptst" in p for p in problems)
+    allowed = policy_problems(_plans(priorityClassName="research-low"), policy)
+    assert allowed == []
+
+
+def test_the_operator_flags_build_the_policy():
+    from visionr1_operator.__main__ import operator_config, parse_args
+
+    config = operator_config(parse_args(["--allow-service-account=default", "--allow-service-account=trainer",
+                                         "--allow-image-prefix=registry.example.com/ml/"]))
+    assert config.policy.service_accounts == ("default", "trainer")
+    assert config.policy.image_prefixes == ("registry.example.com/ml/",)

@@ -28,6 +28,7 @@ from .controller import OperatorConfig
 from .handlers import register
 from .metrics import OperatorMetrics
 from .plan import DEFAULT_TRAINER_IMAGE
+from .policy import Policy
 from .reconcile import ReconcileSettings
 
 DEFAULT_PEERING = "visionr1"
@@ -63,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-base", type=float, default=10.0,
                    help="seconds before the first retry of a failed attempt; doubles each time")
     p.add_argument("--retry-max", type=float, default=300.0, help="longest delay between retries")
+    policy = p.add_argument_group("policy", "what runs may ask for (repeatable; none given: anything)")
+    policy.add_argument("--allow-service-account", action="append", default=[], metavar="NAME",
+                        help="a ServiceAccount stage pods may run as ('default' for runs that name none)")
+    policy.add_argument("--allow-priority-class", action="append", default=[], metavar="NAME",
+                        help="a PriorityClass stage pods may use")
+    policy.add_argument("--allow-image-prefix", action="append", default=[], metavar="PREFIX",
+                        help="trainer images must start with one of these (e.g. registry.example.com/ml/)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -118,6 +126,11 @@ def operator_config(args: argparse.Namespace) -> OperatorConfig:
             retry_max_seconds=args.retry_max,
         ),
         progress_interval=args.progress_interval,
+        policy=Policy(
+            service_accounts=tuple(args.allow_service_account),
+            priority_classes=tuple(args.allow_priority_class),
+            image_prefixes=tuple(args.allow_image_prefix),
+        ),
     )
 
 

@@ -32,6 +32,7 @@ from .jobs import (
 from .kube import APIError, ForeignObject, Kube
 from .manifest import ManifestError, validate_document
 from .metrics import OperatorMetrics
+from .policy import Policy, policy_problems
 from .progress import Scraper, parse_progress, same_progress
 from .reconcile import TERMINAL, Decision, Observed, PlannedRun, ReconcileSettings, current_stage, decide, plan_run
 from .status import merge_patch, status_document
@@ -47,6 +48,7 @@ class OperatorConfig:
     progress_interval: float = 30.0  # seconds between scrapes of a running stage's metrics
     scrape_timeout: float = 3.0
     error_backoff: float = 2.0  # first delay after a failed reconcile; doubles up to a minute
+    policy: Policy = field(default_factory=Policy)  # what runs may ask for (--allow-* flags)
 
 
 @dataclass
@@ -207,6 +209,9 @@ class RunController:
         if self._parsed[0] != key:  # validating and planning a spec takes milliseconds: do it once
             run, problems = parse_run(self.body)
             planned = plan_run(run, self.op.config.reconcile) if run is not None else None
+            refused = policy_problems(list(planned.plans.values()), self.op.config.policy) if planned else []
+            if refused:  # outside the admin's policy: handled as an invalid spec, nothing starts
+                run, problems, planned = None, refused, None
             self._parsed = (key, run, problems, planned)
         return self._parsed[1], self._parsed[2], self._parsed[3]
 
