@@ -27,8 +27,10 @@ from .runtime import (
     UnusableSetting,
     install_signal_handlers,
     setup_logging,
+    termination_path_of,
     write_termination_message,
 )
+from .redact import redact
 
 log = logging.getLogger("visionr1")
 
@@ -46,12 +48,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_stage_config(args.config, expected_kind=args.stage)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # The status must say why in the trainer's words, not only "exit code 2".
+        print(f"error: {redact(exc)}", file=sys.stderr)
+        write_termination_message(termination_path_of(args.config),
+                                  {"stage": args.stage, "error": f"bad config: {exc}"[:1000]})
         return EXIT_BAD_CONFIG
     try:
         stage = importlib.import_module(f"visionr1_trainer.{args.stage}")
     except ModuleNotFoundError as exc:
-        print(f"error: the {args.stage} stage is not available in this installation ({exc})", file=sys.stderr)
+        message = f"the {args.stage} stage is not available in this installation ({exc})"
+        print(f"error: {message}", file=sys.stderr)
+        write_termination_message(config.termination_message_path,
+                                  {"stage": config.stage, "attempt": config.attempt, "error": message})
         return EXIT_BAD_CONFIG
     install_signal_handlers()
     status, summary = EXIT_OK, {}
@@ -63,10 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         status, summary = EXIT_STOPPED, {"stopped": True}
     except UnusableSetting as exc:  # retrying cannot help: the config asks for what cannot run here
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(exc)}", file=sys.stderr)
         status, summary = EXIT_BAD_CONFIG, {"error": str(exc)[:1000]}
     except Exception as exc:  # the stage failed: say why, in the log and in the summary
-        traceback.print_exc()
+        print(redact(traceback.format_exc()), file=sys.stderr, end="")
         status, summary = EXIT_FAILED, {"error": f"{type(exc).__name__}: {exc}"[:1000]}
     summary = {"stage": config.stage, "attempt": config.attempt, **summary}
     write_termination_message(config.termination_message_path, summary)

@@ -34,8 +34,12 @@ from .schema import (  # noqa: F401
     WIRE,
     CelRule,
     FieldProblems,
+    HttpUrlNoCredentials,
     Quantity,
     Schema,
+    SourceNoCredentials,
+    StorageUriNoCredentials,
+    url_no_credentials,
     _no_secret_literal,
     format_errors,
     raise_problems,
@@ -60,10 +64,9 @@ class SecretKeyRef(Schema):
 class ModelSpec(Schema):
     """The model a stage starts from."""
 
-    name: Annotated[str, AfterValidator(_no_secret_literal)] = Field(
+    name: Annotated[SourceNoCredentials, AfterValidator(_no_secret_literal)] = Field(
         min_length=1,
         max_length=1024,
-        pattern=SOURCE,
         description=(
             "Base model: a hub id (Qwen/Qwen2.5-VL-7B-Instruct) or a storage URI "
             "(s3://, pvc://, file://) of a saved model directory."
@@ -76,10 +79,9 @@ class ModelSpec(Schema):
         default=None,
         description="Secret key holding a hub access token, exposed to stages as HF_TOKEN.",
     )
-    processor: str | None = Field(
+    processor: SourceNoCredentials | None = Field(
         default=None,
         max_length=1024,
-        pattern=SOURCE,
         description="Processor/tokenizer source when it differs from the model's.",
     )
     dtype: Literal["bfloat16", "float16", "float32", "auto"] = Field(
@@ -101,9 +103,8 @@ class ModelSpec(Schema):
 class StorageSpec(Schema):
     """Where every stage's artifacts live: <uri>/<namespace>/<run>/<stage>/."""
 
-    uri: str = Field(
+    uri: StorageUriNoCredentials = Field(
         max_length=1024,
-        pattern=STORAGE_URI,
         description=(
             "Artifact root: s3://bucket/prefix, pvc://claim/path (mounted into every "
             "stage pod), or file:///path for local runs."
@@ -119,10 +120,9 @@ class StorageSpec(Schema):
             "Secret values are never accepted in the spec."
         ),
     )
-    endpoint: str | None = Field(
+    endpoint: HttpUrlNoCredentials | None = Field(
         default=None,
         max_length=1024,
-        pattern=HTTP_URL,
         description="S3 endpoint URL for S3-compatible stores (MinIO, Ceph, R2...).",
     )
     region: str | None = Field(
@@ -137,10 +137,9 @@ class StorageSpec(Schema):
 class DatasetRef(Schema):
     """A data set: hub name, local path (parquet, jsonl, json) or storage URI."""
 
-    source: str = Field(
+    source: SourceNoCredentials = Field(
         min_length=1,
         max_length=1024,
-        pattern=SOURCE,
         description="Hub data set name, or a path/URI to parquet, jsonl or json files.",
     )
     subset: str | None = Field(
@@ -186,16 +185,14 @@ class GeneratorSpec(Schema):
             "the synthetic task family (local demo only)."
         ),
     )
-    model: str | None = Field(
+    model: SourceNoCredentials | None = Field(
         default=None,
         max_length=1024,
-        pattern=SOURCE,
         description="Model id or URI; for openai, the model name the endpoint serves.",
     )
-    endpoint: str | None = Field(
+    endpoint: HttpUrlNoCredentials | None = Field(
         default=None,
         max_length=1024,
-        pattern=HTTP_URL,
         description="Base URL of the OpenAI-compatible API (openai backend only).",
     )
     api_key_secret: SecretKeyRef | None = Field(
@@ -527,7 +524,7 @@ class GRPOSettings(Schema):
 class JudgeSpec(Schema):
     """An LLM judge behind any OpenAI-compatible endpoint (the paper: GPT-4o-mini)."""
 
-    endpoint: str = Field(max_length=1024, pattern=HTTP_URL, description="API base URL.")
+    endpoint: HttpUrlNoCredentials = Field(max_length=1024, description="API base URL.")
     model: str = Field(min_length=1, max_length=255, description="Judge model name.")
     api_key_secret: SecretKeyRef | None = Field(
         default=None, description="Secret key holding the API key."
@@ -587,8 +584,7 @@ class StageContext(Schema):
         min_length=1, max_length=20, pattern=DNS_LABEL, description="Stage name (sft, ptst-1...)."
     )
     attempt: int = Field(default=1, ge=1, description="1 for the first try, then each retry.")
-    output_uri: str = Field(
-        pattern=STORAGE_URI, description="Where this stage commits its artifacts."
+    output_uri: StorageUriNoCredentials = Field( description="Where this stage commits its artifacts."
     )
     storage: StorageSpec = Field(description="Storage settings (endpoint, credentials Secret).")
     model: ModelSpec = Field(description="The run's base model.")
@@ -609,9 +605,8 @@ class BridgeStageConfig(StageContext):
 
 class SFTStageConfig(StageContext):
     kind: Literal["sft"] = "sft"
-    data_uri: str | None = Field(
+    data_uri: StorageUriNoCredentials | None = Field(
         default=None,
-        pattern=STORAGE_URI,
         description="Committed cold-start data set from the bridge stage, if it ran.",
     )
     data: DatasetRef | None = Field(
@@ -630,9 +625,8 @@ class GRPOStageConfig(StageContext):
     kind: Literal["grpo"] = "grpo"
     ptst_index: int = Field(ge=1, description="1-based PTST stage number.")
     ptst_total: int = Field(ge=1, description="Number of PTST stages in the run.")
-    init_uri: str | None = Field(
+    init_uri: StorageUriNoCredentials | None = Field(
         default=None,
-        pattern=STORAGE_URI,
         description="Stage output to start from (previous PTST stage or SFT); None = base model.",
     )
     data: DatasetRef = Field(description="The RL set (geometry3k format).")
@@ -642,7 +636,8 @@ class GRPOStageConfig(StageContext):
 
 class EvalStageConfig(StageContext):
     kind: Literal["eval"] = "eval"
-    models: dict[str, str] = Field(
+    # Any text (local runs pass paths) but no user-info: the values reach the summary.
+    models: dict[str, url_no_credentials(r"^.+$")] = Field(
         min_length=1,
         description="Label -> model to score: a stage output URI, or 'base' for the run's model.",
     )

@@ -76,15 +76,30 @@ def compact_summary(summary: dict[str, Any], limit: int = TERMINATION_MESSAGE_LI
 
 
 def write_termination_message(path: str | Path, summary: dict[str, Any]) -> bool:
-    """Write the summary where the kubelet (or the local executor) reads it; never raises."""
+    """Write the summary where the kubelet (or the local executor) reads it; never raises.
+
+    Redacted on the way out: the operator copies it into the run's status and Events.
+    """
+    from .redact import redact_value
+
     try:
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(compact_summary(summary))
+        target.write_text(compact_summary(redact_value(summary)))
         return True
     except OSError as exc:
         logging.getLogger("visionr1").warning("cannot write the termination message to %s: %s", path, exc)
         return False
+
+
+def termination_path_of(config_file: str | Path) -> str:
+    """Where a stage whose config failed to validate writes its summary: the file's own
+    ``terminationMessagePath`` if it can be read, else the Kubernetes default."""
+    try:
+        value = json.loads(Path(config_file).read_text()).get("terminationMessagePath")
+    except (OSError, ValueError, AttributeError):
+        value = None
+    return value if isinstance(value, str) and value else "/dev/termination-log"
 
 
 def work_dir(config) -> Path:
@@ -101,9 +116,20 @@ def work_dir(config) -> Path:
     return Path("/tmp/visionr1") / config.run / config.stage
 
 
+class RedactingFormatter(logging.Formatter):
+    """Every log line (tracebacks included) through ``redact``: the cluster keeps pod logs."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from .redact import redact
+
+        return redact(super().format(record))
+
+
 def setup_logging(stage: str) -> None:
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,
         format=f"%(asctime)s %(levelname)s [{stage}] %(name)s: %(message)s",
     )
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(RedactingFormatter(f"%(asctime)s %(levelname)s [{stage}] %(name)s: %(message)s"))

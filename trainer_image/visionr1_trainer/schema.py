@@ -16,6 +16,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     GetJsonSchemaHandler,
+    StringConstraints,
     ValidationError,
     WithJsonSchema,
 )
@@ -132,6 +133,50 @@ Quantity = Annotated[
         ).to_schema()],
     }),
 ]
+
+
+# A URL with user-info (``https://user:pass@host``): everything between the scheme and the
+# first "/" is the authority, and an "@" there carries credentials. Stricter than RFC 3986
+# on purpose ("?" and "#" do not end it here), since URL parsers disagree on where the
+# authority ends ("http://evil\\@good/"). No backslashes: the pattern goes into CEL as is.
+URL_USERINFO_PATTERN = r"^[A-Za-z][-A-Za-z0-9+.]*://[^/]*@"
+_URL_USERINFO = re.compile(URL_USERINFO_PATTERN)
+_URL_USERINFO_MESSAGE = ("must not hold credentials (user:password@ in the URL): they would land in "
+                         "ConfigMaps, Pod specs, status and logs; give them through a Secret")
+
+
+def _no_url_credentials(value: Any) -> Any:
+    # A before-validator: it runs before the field's pattern, whose error would echo the value.
+    if isinstance(value, str) and _URL_USERINFO.match(value):
+        raise ValueError(_URL_USERINFO_MESSAGE)
+    return value
+
+
+class _NoUserInfoRule:
+    """Adds the CEL twin of ``_no_url_credentials`` to the field's JSON schema (the CRD)."""
+
+    def __get_pydantic_json_schema__(self, core_schema, handler: GetJsonSchemaHandler):
+        json_schema = handler(core_schema)
+        json_schema.setdefault("x-kubernetes-validations", []).append(
+            CelRule(f"!self.matches('{URL_USERINFO_PATTERN}')", _URL_USERINFO_MESSAGE).to_schema())
+        return json_schema
+
+
+def url_no_credentials(pattern: str) -> Any:
+    """A string type for a URL or URI a user gives: ``pattern`` says which ones it takes, and
+    one with user-info is refused, naming the field (the CRD has the same rule in CEL).
+
+    The pattern sits inside the type, not in the field's ``Field(pattern=...)``: pydantic
+    drops a field-level pattern from the JSON schema (so from the CRD) of an optional field
+    whose type carries a validator.
+    """
+    return Annotated[str, StringConstraints(pattern=pattern), BeforeValidator(_no_url_credentials),
+                     _NoUserInfoRule()]
+
+
+HttpUrlNoCredentials = url_no_credentials(HTTP_URL)  # endpoints: storage, bridge models, judge
+SourceNoCredentials = url_no_credentials(SOURCE)  # a model or data source: hub id or URI
+StorageUriNoCredentials = url_no_credentials(STORAGE_URI)  # where artifacts live
 
 
 # How API keys and tokens start (OpenAI, Hugging Face, AWS, GitHub).

@@ -42,7 +42,17 @@ _K8S_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")  # a PVC name 
 
 
 class StorageError(Exception):
-    """Any storage failure a user can act on; the message names the URI and the problem."""
+    """Any storage failure a user can act on; the message names the URI and the problem.
+
+    The message is redacted when the error is made: storage errors are the ones most
+    likely to carry an endpoint, a signed URL or a key, and they reach the termination
+    message, the run's status, Events and the report.
+    """
+
+    def __init__(self, message: object = "") -> None:
+        from .redact import redact
+
+        super().__init__(redact(message))
 
 
 # --- URIs ---------------------------------------------------------------------------

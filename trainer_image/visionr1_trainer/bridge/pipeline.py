@@ -49,6 +49,11 @@ PLAN_KEY = "shards/plan.json"
 ROWS = "rows.jsonl"
 
 
+class NothingKept(RuntimeError):
+    """The stage would commit an empty data set, or a shard got no answer at all: it fails,
+    saying why, instead of succeeding (and being frozen) with nothing for SFT to train on."""
+
+
 def describe_name(shard: int) -> str:
     return f"shards/describe-{shard:05d}"
 
@@ -179,6 +184,9 @@ def bridge_stage(config: BridgeStageConfig, work: Path, metrics: StageMetrics) -
     settings = config.bridge
     templates = prompts.templates(settings.prompts)
     source = read_source(config, work / "cache")
+    if not source.items:
+        raise NothingKept(f"{config.source.source}: no usable rows (read {source.rows_read}, "
+                          f"skipped {dict(sorted(source.skipped.items()))}); nothing to bridge")
     items, duplicates = dedupe(source.items) if settings.filters.dedupe else (source.items, 0)
     plan = load_or_save_plan(store, shard_plan([it.id for it in items], settings.shards))
     by_id = {it.id: it for it in items}
@@ -215,10 +223,12 @@ def run_phase(config, store, plan, by_id, role: str, templates, work: Path, metr
             items = [by_id[i] for i in plan[k]]
             if role == "multimodal":
                 rows = describe_shard(generator, items, templates, bar.update)
+                check_not_all_failed(rows, role, k)
                 commit_rows(store, describe_name(k), rows, work)
             else:
                 described = {r["id"]: r for r in read_rows(store, describe_name(k))}
                 rows = reason_shard(generator, items, described, templates, config.bridge.filters, bar.update)
+                check_not_all_failed(rows, role, k)
                 commit_rows(store, reason_name(k), rows, work)
             progress.shard_done(metrics, rows, time.monotonic() - started)
             log.info("%s shard %d/%d: %d rows", role, k + 1, len(plan), len(rows))
@@ -226,6 +236,19 @@ def run_phase(config, store, plan, by_id, role: str, templates, work: Path, metr
         bar.close()
         metrics.event("generator", role=role, **generator.describe())
         generator.close()
+
+
+def check_not_all_failed(rows: list[dict], role: str, shard: int) -> None:
+    """Raise ``NothingKept`` when every request of a shard failed (an endpoint that is down,
+    a wrong key): the shard is not committed, so a retry of the stage asks again."""
+    if role == "multimodal":
+        errors = [r.get("error") for r in rows if r["description"] is None]
+    else:
+        errors = [r.get("error") for r in rows if r["status"] == "generation_failed"]
+    if rows and len(errors) == len(rows):
+        counts = dict(collections.Counter(e or "unknown" for e in errors).most_common())
+        raise NothingKept(f"every {role} request of shard {shard} failed ({counts}); the shard is "
+                          "not committed, so a retry asks again")
 
 
 def done_verdicts(store, plan) -> collections.Counter:
@@ -286,6 +309,9 @@ def commit_dataset(config, store, plan, by_id, source, duplicates: int, work: Pa
             out_rows.append(cold_row(item.id, item.question, row["response"], images,
                                      answer=item.answer, **extra))
             kept.append(row)
+    if not out_rows:
+        raise NothingKept(f"kept 0 of {len(by_id) + duplicates} samples (dropped {dict(sorted(dropped.items()))}, "
+                          f"source rows skipped {dict(sorted(source.skipped.items()))}); no data set committed")
     write_rows(out_rows, staging / "data.jsonl")
     stats = dataset_stats(
         kept, samples_in=len(by_id) + duplicates, dropped=dict(dropped), source=source.summary(),

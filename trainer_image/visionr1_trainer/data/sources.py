@@ -41,7 +41,15 @@ _HUB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-
 
 
 class DataSourceError(Exception):
-    """A data source that cannot be read at all (as opposed to a broken row)."""
+    """A data source that cannot be read at all (as opposed to a broken row).
+
+    Redacted when made, as ``StorageError`` is: it ends a stage and so reaches its status.
+    """
+
+    def __init__(self, message: object = "") -> None:
+        from ..redact import redact
+
+        super().__init__(redact(message))
 
 
 class UnsafePath(ValueError):
