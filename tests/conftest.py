@@ -55,3 +55,10 @@ def cluster(tmp_path_factory):
         pytest.skip(f"the test control plane did not start: {exc}")
     yield plane
     plane.stop()
+
+
+@pytest.fixture(autouse=True)
+def _no_cloud_metadata(monkeypatch):
+    """boto3 looks for credentials and a region at the cloud metadata address when the
+    environment has none; no test may ever reach for it (issue 18)."""
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")

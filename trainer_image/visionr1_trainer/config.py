@@ -251,21 +251,29 @@ class GeneratorSpec(Schema):
         return self
 
 
+# Each custom prompt template is at most this long: the stage config travels in a
+# ConfigMap (1 MiB at most), and three templates of 16 KiB leave room for everything else.
+MAX_PROMPT_CHARS = 16384
+
+
 class BridgePrompts(Schema):
     """Prompt templates of the three Modality Bridging steps (None = the paper's)."""
 
     pseudo_cot: str | None = Field(
         default=None,
+        max_length=MAX_PROMPT_CHARS,
         description="Step 1 (multimodal model): from {question} and {answer} with the image, "
         "write a pseudo chain of thought.",
     )
     description: str | None = Field(
         default=None,
+        max_length=MAX_PROMPT_CHARS,
         description="Step 2 (multimodal model): from {question} and {pseudo_cot} with the "
         "image, write a detailed text description of the image.",
     )
     reasoning: str | None = Field(
         default=None,
+        max_length=MAX_PROMPT_CHARS,
         description="Step 3 (text reasoning model): from {description} and {question}, "
         "reason step by step to the final answer.",
     )

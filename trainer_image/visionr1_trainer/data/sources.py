@@ -244,17 +244,32 @@ def iter_rows(resolved: ResolvedSource, subset: str | None = None, split: str = 
 
 
 def _json_rows(path: Path) -> Iterator[dict | BadRow]:
-    text = path.read_text(encoding="utf-8", errors="replace")
-    stripped = text.lstrip()
-    if path.suffix == ".json" and stripped.startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataSourceError(f"{path}: not valid JSON: {exc}") from None
-        for row in rows:
-            yield row if isinstance(row, dict) else BadRow("not_an_object")
+    if path.suffix == ".jsonl" or not _starts_with_bracket(path):
+        yield from _jsonl_rows(path)
         return
-    for line in text.splitlines():
+    # A JSON array is one document: read whole (write large sets as jsonl or parquet).
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8", errors="replace"))
+    except json.JSONDecodeError as exc:
+        raise DataSourceError(f"{path}: not valid JSON: {exc}") from None
+    for row in rows:
+        yield row if isinstance(row, dict) else BadRow("not_an_object")
+
+
+def _starts_with_bracket(path: Path) -> bool:
+    with path.open("rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head.startswith(b"[")
+
+
+def _jsonl_rows(path: Path) -> Iterator[dict | BadRow]:
+    """One row per line, read line by line: a data set larger than memory streams."""
+    with path.open(encoding="utf-8", errors="replace") as f:
+        yield from _lines_as_rows(f)
+
+
+def _lines_as_rows(lines) -> Iterator[dict | BadRow]:
+    for line in lines:
         if not line.strip():
             continue
         try:
@@ -265,11 +280,20 @@ def _json_rows(path: Path) -> Iterator[dict | BadRow]:
         yield row if isinstance(row, dict) else BadRow("not_an_object")
 
 
-def _parquet_rows(path: Path) -> Iterator[dict]:
-    import datasets
+def _parquet_rows(path: Path, batch_rows: int = 256) -> Iterator[dict]:
+    """Rows of a parquet file, a batch at a time: never the whole table in memory.
 
-    ds = datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
-    yield from ds
+    Images stored by ``datasets`` arrive as ``{"bytes", "path"}`` structs, which
+    ``materialize_image`` reads as it does a hub row's.
+    """
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises ArrowInvalid (and OSError) for a broken file
+        raise DataSourceError(f"{path}: not a readable parquet file: {exc}") from None
+    for batch in parquet.iter_batches(batch_size=batch_rows):
+        yield from batch.to_pylist()
 
 
 def _saved_rows(path: Path, split: str) -> Iterator[dict]:
