@@ -161,14 +161,14 @@ def _plans(**resources):
 
 
 def test_an_empty_policy_allows_anything():
-    from visionr1_operator.policy import Policy, policy_problems
+    from visionr1_operator.admission import Policy, policy_problems
 
     assert policy_problems(_plans(serviceAccountName="admin", priorityClassName="system-node-critical"),
                            Policy()) == []
 
 
 def test_the_policy_refuses_what_it_does_not_list_naming_the_field():
-    from visionr1_operator.policy import Policy, policy_problems
+    from visionr1_operator.admission import Policy, policy_problems
 
     policy = Policy(service_accounts=("default",), priority_classes=("research-low",),
                     image_prefixes=("registry.example.com/",))
@@ -191,3 +191,14 @@ def test_the_operator_flags_build_the_policy():
                                          "--allow-image-prefix=registry.example.com/ml/"]))
     assert config.policy.service_accounts == ("default", "trainer")
     assert config.policy.image_prefixes == ("registry.example.com/ml/",)
+
+
+def test_a_stage_config_too_big_for_its_configmap_is_refused_before_any_create(monkeypatch):
+    from visionr1_operator import admission
+
+    plans = _plans()
+    assert admission.size_problems(plans) == []  # an ordinary run is far below the limit
+    monkeypatch.setattr(admission, "MAX_CONFIG_BYTES", 100)
+    problems = dict(admission.admission_problems(plans, admission.Policy()))
+    assert "more than the 100 a ConfigMap holds" in problems["stages.sft"]
+    assert "stages.grpo" in problems and "stages.ptst-1" not in problems

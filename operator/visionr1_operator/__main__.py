@@ -28,7 +28,7 @@ from .controller import OperatorConfig
 from .handlers import register
 from .metrics import OperatorMetrics
 from .plan import DEFAULT_TRAINER_IMAGE
-from .policy import Policy
+from .admission import Policy
 from .reconcile import ReconcileSettings
 
 DEFAULT_PEERING = "visionr1"

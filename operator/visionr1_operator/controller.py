@@ -32,7 +32,7 @@ from .jobs import (
 from .kube import APIError, ForeignObject, Kube
 from .manifest import ManifestError, validate_document
 from .metrics import OperatorMetrics
-from .policy import Policy, policy_problems
+from .admission import Policy, admission_problems
 from .progress import Scraper, parse_progress, same_progress
 from .reconcile import TERMINAL, Decision, Observed, PlannedRun, ReconcileSettings, current_stage, decide, plan_run
 from .status import merge_patch, status_document
@@ -209,8 +209,8 @@ class RunController:
         if self._parsed[0] != key:  # validating and planning a spec takes milliseconds: do it once
             run, problems = parse_run(self.body)
             planned = plan_run(run, self.op.config.reconcile) if run is not None else None
-            refused = policy_problems(list(planned.plans.values()), self.op.config.policy) if planned else []
-            if refused:  # outside the admin's policy: handled as an invalid spec, nothing starts
+            refused = admission_problems(list(planned.plans.values()), self.op.config.policy) if planned else []
+            if refused:  # outside the admin's policy, or too big: handled as an invalid spec
                 run, problems, planned = None, refused, None
             self._parsed = (key, run, problems, planned)
         return self._parsed[1], self._parsed[2], self._parsed[3]

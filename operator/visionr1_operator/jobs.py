@@ -133,8 +133,13 @@ def build_config_map(owner: Owner, plan: StagePlan, attempt: int) -> dict[str, A
         "kind": "ConfigMap",
         "metadata": _metadata(owner, name, stage_labels(owner.name, plan.name, attempt)),
         "immutable": True,
-        "data": {CONFIG_KEY: json.dumps(attempt_plan.config_json(), indent=2, sort_keys=True) + "\n"},
+        "data": {CONFIG_KEY: config_text(attempt_plan)},
     }
+
+
+def config_text(plan: StagePlan) -> str:
+    """The stage config as its ConfigMap holds it."""
+    return json.dumps(plan.config_json(), indent=2, sort_keys=True) + "\n"
 
 
 def build_service(owner: Owner, plan: StagePlan, attempt: int) -> dict[str, Any] | None:

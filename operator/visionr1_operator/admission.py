@@ -1,4 +1,8 @@
-"""What an operator's admin allows runs to ask for: ServiceAccounts, priority classes, images.
+"""What the operator checks before it creates anything for a run, beyond the schema.
+
+1. The admin's policy: ServiceAccounts, priority classes, images a run may ask for.
+2. Sizes the API server would refuse only at creation: a stage config over what one
+   ConfigMap holds.
 
 Creating a run is creating Pods: whoever may create a ``VisionR1Run`` in a namespace
 picks its stage pods' ServiceAccount (workload-identity webhooks and the account's pull
@@ -7,15 +11,20 @@ critical one preempts other tenants) and its trainer image. On a shared cluster 
 narrows that with the operator's ``--allow-*`` flags (the chart's ``policy`` values); an
 empty list allows anything, as Kubernetes itself would.
 
-A run that asks for more is refused like an invalid spec: condition InvalidSpec naming
-the field, and no Job is created. Pure: the controller calls ``policy_problems``.
+A run that fails either is refused like an invalid spec: condition InvalidSpec naming
+the field, and no Job is created. Pure: the controller calls ``admission_problems``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .jobs import config_text
 from .plan import StagePlan
+
+# A ConfigMap's data may hold at most 1 MiB (core/v1 validation: MaxConfigMapSize); leave
+# room for the object's metadata.
+MAX_CONFIG_BYTES = (1 << 20) - 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -54,3 +63,20 @@ def policy_problems(plans: list[StagePlan], policy: Policy) -> list[tuple[str, s
                 f"image {plan.image!r} is not allowed by the operator's policy "
                 f"(images must start with: {', '.join(policy.image_prefixes)})")
     return list(problems.items())
+
+
+def size_problems(plans: list[StagePlan]) -> list[tuple[str, str]]:
+    """A stage whose config would not fit its ConfigMap: refused now, with the reason,
+    rather than failing every create later with a 422 no condition explains."""
+    problems = []
+    for plan in plans:
+        size = len(config_text(plan.for_attempt(1)).encode())
+        if size > MAX_CONFIG_BYTES:
+            problems.append((f"stages.{'grpo' if plan.kind == 'grpo' else plan.name}",
+                             f"stage {plan.name}'s config is {size} bytes, more than the {MAX_CONFIG_BYTES} "
+                             "a ConfigMap holds (long prompts or data inlined in the spec?)"))
+    return problems
+
+
+def admission_problems(plans: list[StagePlan], policy: Policy) -> list[tuple[str, str]]:
+    return policy_problems(plans, policy) + size_problems(plans)
