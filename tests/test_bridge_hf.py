@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 
 import pytest
@@ -47,14 +48,15 @@ def test_bridge_with_hf_backend_accounts_for_every_sample(tiny_model, synthetic,
         "bridge": {"multimodalModel": hf_spec(tiny_model), "reasoningModel": hf_spec(tiny_model),
                    "shards": 2, "filters": {"answerMatch": False}},
     })
-    summary = pipeline.run(config)
-    stats = json.loads((tmp_path / "out" / "dataset" / "stats.json").read_text())
-    # An untrained model writes no final answer: every sample is dropped, and counted.
-    assert stats["samples_in"] == 4 and stats["kept"] + stats["dropped_total"] == 4
-    assert set(stats["dropped"]) <= {"no_final_answer", "bad_format", "repetitive", "duplicate"}
-    assert stats["generators"]["multimodal"] == {"backend": "hf", "model": str(tiny_model), "max_tokens": 6,
-                                                  "temperature": 1.0, "top_p": 0.95}
+    # An untrained model writes no final answer: every sample is dropped, counted, and the
+    # stage fails saying so rather than committing an empty data set (issue 18).
+    with pytest.raises(pipeline.NothingKept, match=r"kept 0 of 4 samples") as info:
+        pipeline.run(config)
+    dropped = ast.literal_eval(str(info.value).split("(dropped ", 1)[1].split(", source rows")[0])
+    assert set(dropped) <= {"no_final_answer", "bad_format", "repetitive", "duplicate"}
+    assert sum(dropped.values()) == 4
+    assert not (tmp_path / "out" / "dataset" / "_COMMITTED.json").exists()
     shard = [json.loads(line) for line in
              (tmp_path / "out" / "shards" / "describe-00000" / "rows.jsonl").read_text().splitlines()]
     assert all(r["pseudo_cot"] is not None and r["description"] is not None for r in shard)
-    assert summary["samplesIn"] == 4
+

@@ -71,7 +71,10 @@ def assets(tmp_path_factory):
     three = chain_model(tiny, base / "three", head + ["3", "</answer>"])
     unclosed = chain_model(tiny, base / "unclosed", head + ["5"])
     synthetic = generate(base / "synthetic", n=2, n_eval=10, tasks=("count", "color"))
-    image = synthetic.root / "images" / "eval-count-000000.png"
+    # Inside the benchmark's own directory: an image path that leaves it is refused (issue 18).
+    image = base / "mathvista" / "images" / "eval-count-000000.png"
+    image.parent.mkdir(parents=True)
+    image.write_bytes((synthetic.root / "images" / "eval-count-000000.png").read_bytes())
     meta = {"task": "geometry problem solving", "skills": ["geometry reasoning"]}
     rows = [
         {"pid": "1", "question": "Which is x?", "image": str(image), "choices": ["1", "3", "5", "7"], "answer": "3",
