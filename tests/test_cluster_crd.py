@@ -25,7 +25,7 @@ CRD_NAME = "visionr1runs.visionr1.io"
 @pytest.fixture(scope="module")
 def crd_cluster(cluster):
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
-    cluster.kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s")
+    cluster.wait_established(CRD_NAME)
     cluster.wait_for_resource("vr1")
     for namespace in namespaces_of_examples():
         cluster.kubectl_apply(f"apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {namespace}\n")

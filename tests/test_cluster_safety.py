@@ -37,7 +37,7 @@ def _dumps(doc: dict) -> str:
 @pytest.fixture
 def crd_installed(cluster):
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
-    cluster.kubectl("wait", "--for=condition=Established", "crd/visionr1runs.visionr1.io", "--timeout=60s")
+    cluster.wait_established("visionr1runs.visionr1.io")
     cluster.wait_for_resource("vr1")
     return cluster
 

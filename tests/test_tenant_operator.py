@@ -202,3 +202,16 @@ def test_a_stage_config_too_big_for_its_configmap_is_refused_before_any_create(m
     problems = dict(admission.admission_problems(plans, admission.Policy()))
     assert "more than the 100 a ConfigMap holds" in problems["stages.sft"]
     assert "stages.grpo" in problems and "stages.ptst-1" not in problems
+
+
+def test_a_pods_termination_message_is_masked_before_it_reaches_the_status(monkeypatch):
+    """A trainer image the tenant chose may write anything; the operator masks what it copies."""
+    from visionr1_operator.jobs import CONTAINER, pod_report
+
+    monkeypatch.setenv("HF_TOKEN", "planted-hub-token-0f0f")
+    message = '{"error": "GET https://user:pw@hub.example/x failed with planted-hub-token-0f0f"}'
+    pod = {"metadata": {}, "status": {"containerStatuses": [{"name": CONTAINER, "state": {
+        "terminated": {"exitCode": 1, "reason": "Error", "message": message}}}]}}
+    report = pod_report([pod])
+    text = f"{report.summary} {report.failure}"
+    assert "planted-hub-token-0f0f" not in text and "user:pw" not in text

@@ -22,6 +22,7 @@ from datetime import datetime
 from typing import Any, Iterable, Literal, Mapping
 
 from visionr1_trainer.config import SecretKeyRef
+from visionr1_trainer.redact import redact
 
 from .api import API_VERSION, KIND, VisionR1RunSpec
 from .plan import StagePlan
@@ -561,11 +562,14 @@ def pod_report(pods: Iterable[Mapping[str, Any]]) -> PodReport:
         terminated = _trainer_terminated(pod)
         if terminated is None:
             continue
-        parsed = _parse_summary(terminated.get("message"))
+        # The message comes from an image the tenant chose: masked before it can reach the
+        # status, a condition or an Event (the trainer masks its own; this is for any other).
+        message = terminated.get("message")
+        parsed = _parse_summary(redact(message) if message else message)
         if summary is None and parsed is not None:
             summary = parsed
         if failure is None and terminated.get("exitCode", 0) != 0:
-            failure = _describe_failure(pod, terminated, parsed)
+            failure = redact(_describe_failure(pod, terminated, parsed))
     return PodReport(summary=summary, failure=failure)
 
 

@@ -298,7 +298,7 @@ class ControlPlane:
     def _install_kwok_stages(self) -> None:
         kwok_source = gobuild.module_dir("sigs.k8s.io/kwok", HERE / "kwok")
         self.kubectl_apply(kwok_stages.crd_yaml(kwok_source))
-        self.kubectl("wait", "--for=condition=Established", "crd/stages.kwok.x-k8s.io", "--timeout=60s")
+        self.wait_established("stages.kwok.x-k8s.io")
         self.kubectl_apply(kwok_stages.default_stages_yaml(kwok_source))
 
     def _create_nodes(self) -> None:
@@ -320,6 +320,19 @@ class ControlPlane:
         if check and out.returncode != 0:
             raise ControlPlaneError(f"kubectl {' '.join(args)} failed: {out.stderr.strip()}")
         return out
+
+    def wait_established(self, crd: str, timeout: float = 60.0) -> None:
+        """Until the CRD is Established. `kubectl wait` right after a create can fail with
+        "status.conditions ... nil" before the API server has written any condition."""
+        deadline = time.monotonic() + timeout
+        while True:
+            out = self.kubectl("get", f"crd/{crd}", "-o",
+                               "jsonpath={.status.conditions[?(@.type=='Established')].status}", check=False)
+            if out.returncode == 0 and out.stdout.strip() == "True":
+                return
+            if time.monotonic() > deadline:
+                raise ControlPlaneError(f"CRD {crd} not Established in time: {out.stderr.strip()}")
+            time.sleep(0.3)
 
     def wait_for_resource(self, short_name: str, timeout: float = 60.0) -> None:
         """Until discovery serves ``short_name`` (a CRD is Established a moment before
