@@ -5,7 +5,9 @@ The policy is changed on every rank so that its greedy tokens can only be two ch
 after ``sync_weights`` every rank's vLLM must sample only those ids, on two rollouts in a
 row (the second after a level-2 sleep discarded the weights and the push refilled them).
 The training-side process group is gloo: NCCL refuses two ranks on one device, and the
-point here is vLLM's placement and weight push, not the collective backend.
+point here is vLLM's placement and weight push, not the collective backend. The two
+engines profile their memory one after the other (on one device each would otherwise
+count the other's allocations); on a node every rank has its own GPU and needs none of this.
 """
 
 from __future__ import annotations
@@ -22,6 +24,26 @@ pytestmark = pytest.mark.gpu
 MARKED = ("red", "blue")  # the only tokens the changed policy can emit greedily
 
 
+def _profile_one_engine_at_a_time(rank: int) -> None:
+    """vLLM sizes its KV cache from the device's free memory while it profiles a forward;
+    two engines profiling on one GPU at once would count each other's memory. Rank 1
+    profiles after rank 0 (which then waits in vLLM's own min-over-ranks all-reduce)."""
+    import torch.distributed as dist
+    from vllm.v1.worker.gpu_worker import Worker
+
+    original = Worker.determine_available_memory
+
+    def staggered(self):
+        if rank == 0:
+            available = original(self)
+            dist.barrier()
+            return available
+        dist.barrier()
+        return original(self)
+
+    Worker.determine_available_memory = staggered
+
+
 def _rank_main(rank: int, model_dir: str, port: int, out_dir: str) -> None:
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(port), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
@@ -36,6 +58,7 @@ def _rank_main(rank: int, model_dir: str, port: int, out_dir: str) -> None:
     from visionr1_trainer.models.vlm import encode_prompts
 
     dist.init_process_group("gloo", rank=rank, world_size=2)
+    _profile_one_engine_at_a_time(rank)
     model, tok, ip = load_vlm(model_dir, "bfloat16", device="cuda:0")
     env = DistEnv(rank, 2, 0, "cuda:0", "gloo")
     config = types.SimpleNamespace(
