@@ -289,8 +289,9 @@ def chunked_logprobs_and_entropy(
     flat_hidden, flat_tokens = hidden.reshape(B * T, H), tokens.reshape(B * T)
     recompute = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     logprobs, entropy = [], []
-    for start in range(0, B * T, chunk_tokens):
-        h, t = flat_hidden[start:start + chunk_tokens], flat_tokens[start:start + chunk_tokens]
+    # split, not slicing: its backward concatenates the chunks' gradients once, where each
+    # slice's backward would fill a zero (B * T, H) tensor of its own.
+    for h, t in zip(flat_hidden.split(chunk_tokens), flat_tokens.split(chunk_tokens)):
         if recompute:  # keep only h for backward; rebuild this chunk's logits there
             lp, ent = torch.utils.checkpoint.checkpoint(
                 _chunk_logprobs_and_entropy, h, weight, t, temperature, use_reentrant=False
