@@ -271,6 +271,8 @@ class FakeSamplingParams:
 
 
 class FakeEngine:
+    dtype = torch.bfloat16  # what grpo/engine.py's engines expose
+
     def __init__(self, names):
         self.names, self.iterations = names, 0
 
@@ -328,7 +330,6 @@ def test_given_an_engine_the_first_rollout_pushes_too(monkeypatch):
     tokenizer = types.SimpleNamespace(eos_token_id=EOS, pad_token_id=PAD, unk_token_id=None,
                                       convert_tokens_to_ids=lambda t: None)
     engine = FakeEngine(["a.weight"])
-    engine.dtype = torch.bfloat16  # what grpo/engine.py's engines expose
     llm = FakeLLM(FakeVLLMModel(["a.weight"]))
     config = types.SimpleNamespace(grpo=types.SimpleNamespace(seed=42))
     backend = vr.VLLMRollout(engine, tokenizer, types.SimpleNamespace(rank=0, local_rank=0, world_size=1), config,
@@ -352,3 +353,51 @@ def test_a_policy_missing_vllm_parameters_is_refused(rollout):
     backend.sync_weights(FakeEngine(["other.weight"]))
     with pytest.raises(RuntimeError, match="no weights for 1 vLLM parameters"):
         backend.generate(encoded(["q"], [[]]), [0], SamplingSettings(1, 3), step=0)
+
+
+# --- tensor parallel engines (32B, 72B) ----------------------------------------------------------
+
+
+def test_tensor_parallel_groups_are_consecutive_ranks_within_a_node():
+    assert vr.tensor_parallel_groups(16, 4, 8) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]
+    assert vr.tensor_parallel_groups(8, 1, 8) == [[r] for r in range(8)]
+    with pytest.raises(ValueError, match="vllmTensorParallelSize 4 must divide the ranks \\(6\\)"):
+        vr.tensor_parallel_groups(6, 4, 6)
+    with pytest.raises(ValueError, match="GPUs per node \\(4\\)"):
+        vr.tensor_parallel_groups(16, 8, 4)  # an engine may not span nodes
+    assert vr.share_slices([3, 0, 2]) == [slice(0, 3), slice(3, 3), slice(3, 5)]
+
+
+def test_a_setting_that_cannot_split_is_refused_naming_the_field(monkeypatch):
+    from visionr1_trainer.runtime import UnusableSetting
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "6")
+    tokenizer = types.SimpleNamespace(eos_token_id=EOS, pad_token_id=PAD, unk_token_id=None,
+                                      convert_tokens_to_ids=lambda t: None)
+    config = types.SimpleNamespace(grpo=types.SimpleNamespace(seed=42, vllm_tensor_parallel_size=4))
+    env = types.SimpleNamespace(rank=0, local_rank=0, world_size=6)
+    with pytest.raises(UnusableSetting, match="vllmTensorParallelSize"):
+        vr.VLLMRollout(FakeEngine(["a.weight"]), tokenizer, env, config, llm=FakeLLM(FakeVLLMModel(["a.weight"])))
+
+
+def test_ranks_of_one_engine_run_the_groups_requests_with_one_seed_stream_and_keep_their_share(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(SamplingParams=FakeSamplingParams))
+    tokenizer = types.SimpleNamespace(eos_token_id=EOS, pad_token_id=PAD, unk_token_id=None,
+                                      convert_tokens_to_ids=lambda t: None)
+    config = types.SimpleNamespace(grpo=types.SimpleNamespace(seed=42, vllm_tensor_parallel_size=2))
+    settings = SamplingSettings(2, 3)
+    shares = {2: encoded(["a"], [[]]), 3: encoded(["b", "c"], [[], []])}  # ranks 2 and 3: engine 1
+    local = {r: vr.vllm_requests(p, copies=2) for r, p in shares.items()}
+    seen, outs = {}, {}
+    for rank in (2, 3):
+        llm = FakeLLM(FakeVLLMModel(["a.weight"]))
+        backend = vr.VLLMRollout(FakeEngine(["a.weight"]), tokenizer,
+                                 types.SimpleNamespace(rank=rank, local_rank=rank, world_size=4), config,
+                                 llm=llm, gather=lambda requests: [local[2], local[3]])
+        outs[rank] = backend.generate(shares[rank], [0] * len(shares[rank].kept), settings, step=5)
+        seen[rank] = llm.seeds
+    assert seen[2] == seen[3] == vr.request_seeds(42, 5, 1, 6)  # engine 1's stream, on both of its ranks
+    assert outs[2].completion_ids.shape[0] == 2 and outs[3].completion_ids.shape[0] == 4
+    # FakeLLM answers [1, seed % 5, EOS]: each rank got the rows of its own requests
+    assert outs[2].completion_ids[:, 1].tolist() == [s % 5 for s in seen[2][:2]]
+    assert outs[3].completion_ids[:, 1].tolist() == [s % 5 for s in seen[3][2:]]

@@ -478,6 +478,11 @@ class GRPOSettings(Schema):
         description="Share of each GPU the rank's colocated vLLM engine takes for weights and KV "
         "cache while it samples (it sleeps, freeing both, while the policy trains).",
     )
+    vllm_tensor_parallel_size: int = Field(
+        default=1, ge=1, le=8,
+        description="GPUs one colocated vLLM engine spans (consecutive ranks of a node; 4 for a "
+        "32B model, 8 for 72B on 80 GB GPUs). Must divide the GPUs per node.",
+    )
     max_prompt_length: int = Field(
         default=4096, ge=16, description="Prompt tokens kept (image tokens included)."
     )

@@ -7,7 +7,8 @@ The layout TRL's ``vllm_mode="colocate"`` and verl's hybrid engine use under tor
   that joins the process group torchrun started (vLLM's ``ExecutorWithExternalLauncher``
   reads ``RANK``/``LOCAL_RANK`` and uses ``env://``). With tensor parallel size 1 every
   rank is its own data-parallel replica and samples its own share of the prompts.
-  Without it, every rank's engine lands on GPU 0.
+  Without it, every rank's engine lands on GPU 0. Models whose weights do not fit one
+  GPU's share (32B, 72B) take ``vllmTensorParallelSize`` consecutive ranks per engine.
 - **Weights pushed at the start of every rollout, one parameter at a time.** The engine's
   ``iter_full_parameters()`` yields ``(name, full tensor)`` on every rank (a collective
   under ZeRO-3: each rank gathers one parameter, hands it to its own vLLM, frees it), so
@@ -88,6 +89,31 @@ def request_seeds(seed: int, step: int, rank: int, num_requests: int) -> list[in
     return [(base + i) % SEED_SPACE for i in range(num_requests)]
 
 
+# --- tensor-parallel groups ---------------------------------------------------------------------
+
+
+def tensor_parallel_groups(world_size: int, tp: int, local_world_size: int) -> list[list[int]]:
+    """The ranks that share one vLLM engine: ``tp`` consecutive ranks, within one node.
+
+    vLLM's external launcher builds its tensor-parallel groups the same way (consecutive
+    ranks of torchrun's world). Raises ``ValueError`` naming the field when they cannot
+    split evenly or would span nodes.
+    """
+    if tp < 1 or world_size % tp or local_world_size % tp:
+        raise ValueError(f"vllmTensorParallelSize {tp} must divide the ranks ({world_size}) and the GPUs "
+                         f"per node ({local_world_size})")
+    return [list(range(start, start + tp)) for start in range(0, world_size, tp)]
+
+
+def share_slices(counts: list[int]) -> list[slice]:
+    """Where each member's requests lie in the group's gathered list (members in rank order)."""
+    out, start = [], 0
+    for count in counts:
+        out.append(slice(start, start + count))
+        start += count
+    return out
+
+
 # --- requests and sampling ----------------------------------------------------------------------
 
 
@@ -159,7 +185,7 @@ def pad_completions(token_lists: Iterable[list[int]], pad_id: int) -> torch.Tens
 
 
 def engine_kwargs(model_dir: str, dtype: str, max_model_len: int, gpu_memory_utilization: float,
-                  seed: int, max_images: int = MAX_IMAGES_PER_PROMPT) -> dict[str, Any]:
+                  seed: int, max_images: int = MAX_IMAGES_PER_PROMPT, tensor_parallel_size: int = 1) -> dict[str, Any]:
     """``vllm.LLM`` arguments for one rank's colocated engine.
 
     ``model_dir`` holds the weights *and* the processor vLLM will use (``stage_model_dir``).
@@ -172,7 +198,8 @@ def engine_kwargs(model_dir: str, dtype: str, max_model_len: int, gpu_memory_uti
         "dtype": dtype,
         "max_model_len": max_model_len,
         "gpu_memory_utilization": gpu_memory_utilization,
-        "tensor_parallel_size": 1,
+        # tp > 1: consecutive ranks form one engine, each rank its shard of it.
+        "tensor_parallel_size": tensor_parallel_size,
         # One in-process worker on cuda:LOCAL_RANK joining torchrun's process group.
         "distributed_executor_backend": "external_launcher",
         "enable_sleep_mode": True,
@@ -317,21 +344,49 @@ class VLLMRollout:
     sleep). With an engine known (given here or by ``sync_weights``), every ``generate``
     pushes its weights first: the transfer happens exactly once per rollout however often
     ``sync_weights`` is called.
+
+    With ``vllmTensorParallelSize`` tp > 1, tp consecutive ranks share one engine (TRL's
+    colocate mode does the same): each gathers the group's requests, all of them run the
+    same requests with the same seeds (vLLM's external launcher needs them in lockstep),
+    and each keeps its own share of the outputs.
     """
 
-    def __init__(self, policy, tokenizer, env, config, image_processor=None, llm=None):
+    def __init__(self, policy, tokenizer, env, config, image_processor=None, llm=None, gather=None):
         self.tokenizer, self.env = tokenizer, env
         self.seed = config.grpo.seed
         self.banned = vision_token_ids(tokenizer)
         self.dtype = policy_dtype(policy)
         self.source = policy if hasattr(policy, "iter_full_parameters") else None
         self.calls = 0
+        self.tp = int(getattr(config.grpo, "vllm_tensor_parallel_size", 1))
+        self.seed_rank, self.member = divmod(env.rank, self.tp)  # the engine's index, this rank's place in it
+        self.gather = gather or (self._group_gather(env) if self.tp > 1 else None)
         self.llm = llm if llm is not None else self._make_llm(policy, tokenizer, env, config, image_processor)
         # Free the KV cache (and the weights) until the first rollout. With an engine to copy
         # from, the first rollout pushes them like every other: discard (level 2). Without,
         # the starting weights are the only copy: offload them once (level 1).
         self.weights = "discarded" if self.source is not None else "disk"
         self.llm.sleep(level=2 if self.source is not None else 1)
+
+    def _group_gather(self, env):
+        """``gather(obj)``: every member's ``obj`` of this rank's tensor-parallel group, in rank order."""
+        import torch.distributed as dist
+
+        from ..runtime import UnusableSetting
+
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
+        try:
+            groups = tensor_parallel_groups(env.world_size, self.tp, local)
+        except ValueError as exc:
+            raise UnusableSetting(str(exc)) from None
+        mine, _ = dist.new_subgroups_by_enumeration(groups)  # collective: every rank, same order
+
+        def gather(obj):
+            out = [None] * self.tp
+            dist.all_gather_object(out, obj, group=mine)
+            return out
+
+        return gather
 
     def _make_llm(self, policy, tokenizer, env, config, image_processor):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # external launcher: in-process worker
@@ -348,7 +403,8 @@ class VLLMRollout:
         kwargs = engine_kwargs(
             str(staged), str(self.dtype).replace("torch.", ""),
             config.grpo.max_prompt_length + config.ptst.max_completion_length,
-            config.grpo.vllm_gpu_memory_utilization, step_seed(self.seed, -1, env.rank),
+            config.grpo.vllm_gpu_memory_utilization, step_seed(self.seed, -1, self.seed_rank),
+            tensor_parallel_size=self.tp,
         )
         log.info("rank %d: vLLM engine on cuda:%d (%.0f%% of its memory)", env.rank, env.local_rank,
                  100 * kwargs["gpu_memory_utilization"])
@@ -370,9 +426,13 @@ class VLLMRollout:
 
         step = self.calls if step is None else step
         self.calls = step + 1
-        group = sampling.num_generations
-        requests = vllm_requests(prompts, copies=group)
-        seeds = request_seeds(self.seed, step, self.env.rank, len(requests))
+        requests = vllm_requests(prompts, copies=sampling.num_generations)
+        mine = slice(0, len(requests))
+        if self.gather is not None:  # tp > 1: the engine runs the whole group's requests
+            members = self.gather(requests)
+            mine = share_slices([len(m) for m in members])[self.member]
+            requests = [r for member in members for r in member]
+        seeds = request_seeds(self.seed, step, self.seed_rank, len(requests))  # the same on the whole group
         params = [SamplingParams(**kw) for kw in
                   rollout_sampling_kwargs(sampling, seeds, self.banned, self.tokenizer.eos_token_id)]
         start = time.perf_counter()
@@ -383,7 +443,7 @@ class VLLMRollout:
         finally:
             self.llm.sleep(level=2)  # weights are overwritten at the next rollout: nothing to keep
             self.weights = "discarded"
-        tokens = [list(out.outputs[0].token_ids) for out in outputs]
+        tokens = [list(out.outputs[0].token_ids) for out in outputs[mine]]
         ids = pad_completions(tokens, self.tokenizer.pad_token_id)
         return finish_rollout(ids, self.tokenizer, sampling.max_completion_length, time.perf_counter() - start)
 
