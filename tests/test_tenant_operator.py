@@ -215,3 +215,18 @@ def test_a_pods_termination_message_is_masked_before_it_reaches_the_status(monke
     report = pod_report([pod])
     text = f"{report.summary} {report.failure}"
     assert "planted-hub-token-0f0f" not in text and "user:pw" not in text
+
+
+# --- settings that cannot split over the stage's ranks are refused before any pod ------------
+
+
+def test_a_rollout_batch_that_does_not_split_over_the_ranks_is_refused_naming_the_field():
+    doc = run_manifest("uneven")
+    doc["spec"]["stages"]["grpo"].update(
+        {"rolloutBatchSize": 12, "resources": {"nodes": 2, "gpusPerNode": 8}})  # 16 ranks
+    with pytest.raises(ManifestError) as err:
+        validate_document(doc, "uneven.yaml")
+    assert any(path == "spec.stages.grpo.rolloutBatchSize" and "16 ranks" in message
+               for path, message in err.value.problems), err.value.problems
+    doc["spec"]["stages"]["grpo"]["rolloutBatchSize"] = 32
+    validate_document(doc, "even.yaml")

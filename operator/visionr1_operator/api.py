@@ -148,11 +148,30 @@ class SFTStageSpec(StageControl, SFTSettings):
 class GRPOStageSpec(StageControl, GRPOSettings):
     """GRPO settings and resources shared by every PTST stage."""
 
+    # Every rank must run as many forward passes as the others (under ZeRO-3 each is a
+    # collective): the prompts of a batch split evenly over nodes x processes per node.
+    cel_rules = tuple(
+        CelRule(
+            f"!has(self.{field}) || self.{field} % (self.resources.nodes * "
+            "(self.resources.gpusPerNode > 0 ? self.resources.gpusPerNode : 1)) == 0",
+            f"{field} must split evenly over the stage's ranks (nodes x gpusPerNode)",
+            f".{field}",
+        )
+        for field in ("rolloutBatchSize", "miniBatchSize")
+    )
+
     allow_unequal_budget: bool = Field(
         default=False,
         description="Allow maxCompletionLength x numGenerations to differ across PTST stages "
         "(the paper keeps this sampling budget constant).",
     )
+
+
+    @model_validator(mode="after")
+    def _splits_over_ranks(self) -> GRPOStageSpec:
+        r = self.resources
+        raise_problems(self.rank_split_problems(r.nodes * max(r.gpus_per_node, 1)))
+        return self
 
 
 class EvalStageSpec(StageControl, EvalSettings):
