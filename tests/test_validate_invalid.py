@@ -109,6 +109,8 @@ CASES = [
          {f"{GRPO}.resources.cpu": "lots"}),
     Case("rollouts-do-not-split-over-ranks", "cel", f"{GRPO}.rolloutBatchSize", "do not split evenly over 3 ranks",
          {f"{GRPO}.resources.nodes": 3}),
+    Case("vllm-tp-does-not-divide-gpus", "cel", f"{GRPO}.vllmTensorParallelSize", "does not divide",
+         {f"{GRPO}.vllmTensorParallelSize": 3}),
     Case("cpu-fraction-as-number", "schema", f"{GRPO}.resources.cpu", "as a string",
          {f"{GRPO}.resources.cpu": 0.5}),
     Case("gpus-negative", "schema", f"{SFT}.resources.gpusPerNode", "greater than or equal to 0",

@@ -158,6 +158,13 @@ class GRPOStageSpec(StageControl, GRPOSettings):
             f".{field}",
         )
         for field in ("rolloutBatchSize", "miniBatchSize")
+    ) + (
+        CelRule(
+            "self.vllmTensorParallelSize == 1 || (self.resources.gpusPerNode > 0 && "
+            "self.resources.gpusPerNode % self.vllmTensorParallelSize == 0)",
+            "vllmTensorParallelSize must divide resources.gpusPerNode (one engine spans GPUs of one node)",
+            ".vllmTensorParallelSize",
+        ),
     )
 
     allow_unequal_budget: bool = Field(
@@ -170,7 +177,13 @@ class GRPOStageSpec(StageControl, GRPOSettings):
     @model_validator(mode="after")
     def _splits_over_ranks(self) -> GRPOStageSpec:
         r = self.resources
-        raise_problems(self.rank_split_problems(r.nodes * max(r.gpus_per_node, 1)))
+        problems = self.rank_split_problems(r.nodes * max(r.gpus_per_node, 1))
+        tp = self.vllm_tensor_parallel_size
+        if tp > 1 and (r.gpus_per_node == 0 or r.gpus_per_node % tp):
+            problems.append(("vllmTensorParallelSize",
+                             f"{tp} does not divide resources.gpusPerNode ({r.gpus_per_node}): "
+                             "one vLLM engine spans GPUs of one node"))
+        raise_problems(problems)
         return self
 
 
