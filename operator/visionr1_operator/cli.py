@@ -31,6 +31,13 @@ def _stderr() -> Console:
     return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+def _print_problems(exc: ManifestError, err: Console | None = None) -> None:
+    """One line per problem, each naming the file and the field."""
+    err = err or _stderr()
+    for line in exc.lines():
+        err.print(line, markup=False)
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     out, err = Console(highlight=False, soft_wrap=True), _stderr()
     failed = False
@@ -39,8 +46,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             runs = load_runs(path)
         except ManifestError as exc:
             failed = True
-            for line in exc.lines():
-                err.print(line, markup=False)
+            _print_problems(exc, err)
             continue
         for run in runs:
             stages = ", ".join(p.name for p in build_plan(run))
@@ -95,8 +101,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     try:
         run = load_run(args.file)
     except ManifestError as exc:
-        for line in exc.lines():
-            _stderr().print(line, markup=False)
+        _print_problems(exc)
         return 1
     plans = build_plan(run, default_image=args.image)
     if args.output == "json":
@@ -131,8 +136,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     try:
         runs = load_runs(args.file)
     except ManifestError as exc:
-        for line in exc.lines():
-            _stderr().print(line, markup=False)
+        _print_problems(exc)
         return 1
     docs = []
     for run in runs:
