@@ -38,11 +38,11 @@ demo: install
 	$(BIN)/visionr1 validate examples/tiny-cpu.yaml
 	$(BIN)/visionr1 demo
 
-# The cluster tests run on one xdist worker (one control plane); the other runs the rest.
-# The control plane's binaries are built before pytest starts (a cold build takes
-# minutes; no test timeout should count it).
+# By file: a file's tests stay on one worker and share their module fixtures (one
+# torchrun for the DeepSpeed jobs, one CRD install). The control plane's binaries are
+# built before pytest starts (a cold build takes minutes; no test timeout counts it).
 test: install cluster-build
-	$(BIN)/python -m pytest -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 # The test control plane (tests/cluster/): etcd, kube-apiserver, kube-controller-manager,
 # kube-scheduler and kwok, built from pinned Go modules into ~/.cache/visionr1/cluster.

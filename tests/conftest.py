@@ -1,9 +1,12 @@
 """Shared fixtures. The one here: ``cluster``, a real control plane for tests marked ``cluster``.
 
-It is built and started once per test session (tests/cluster/: etcd, kube-apiserver,
-kube-controller-manager, kube-scheduler and kwok from pinned Go modules). Every
-``cluster`` test is put in one xdist group, so under ``pytest -n 2 --dist loadgroup``
-one worker runs them all against one control plane while the other runs the rest.
+It is started once per test session, that is once per pytest-xdist worker that runs a
+``cluster`` test (tests/cluster/: etcd, kube-apiserver, kube-controller-manager,
+kube-scheduler and kwok from pinned Go modules; about 15 s to start). ``make test``
+distributes by file (``--dist loadfile``), so a file's tests share their module
+fixtures. (``--dist loadgroup`` would put every cluster test on one worker, but
+pytest-xdist 3.8 cannot group under pytest 9: it renames ``item._nodeid``, which
+pytest 9 no longer reads.)
 
 Without Go the cluster tests are skipped with one loud line, unless
 ``VISIONR1_REQUIRE_CLUSTER=1`` (CI sets it): then a missing or broken control plane
@@ -23,12 +26,6 @@ CLUSTER_SRC = Path(__file__).resolve().parent / "cluster"
 # The control plane's modules (controlplane, gobuild, pki, kwok_stages) are scripts in a
 # folder that `make cluster` runs directly, not a package: tests import them from here.
 sys.path.insert(0, str(CLUSTER_SRC))
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.get_closest_marker("cluster"):
-            item.add_marker(pytest.mark.xdist_group("cluster"))
 
 
 def _require() -> bool:
