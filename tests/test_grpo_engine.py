@@ -67,8 +67,11 @@ def test_two_ptst_stages_chain_through_committed_checkpoints(tmp_path, assets):
     second = second.model_copy(update={"ptst": second.ptst.model_copy(update={"max_completion_length": 48, "num_generations": 2})})
     source, policy, reference, _, _ = load_models(second, DistEnv(0, 1, 0, "cpu", None), tmp_path / "w")
     assert source == str(out / "model")
-    trained, _, _ = load_vlm(str(out / "model"), "float32")
-    for (name, a), b in zip(policy.full_state_dict().items(), trained.state_dict().values()):
+    trained, _, _ = load_vlm(str(out / "model"), "float32")  # from_pretrained into a plain HF model
+    weights = policy.full_state_dict()
+    assert list(weights) == list(trained.state_dict())  # the Hugging Face names, wrapper or not
+    assert [n for n, _ in policy.iter_full_parameters()] == [n for n, _ in trained.named_parameters()]
+    for (name, a), b in zip(weights.items(), trained.state_dict().values()):
         assert torch.equal(a, b), name
     assert reference is not None and not any(p.requires_grad for p in reference._module.parameters())
     summary2 = run_grpo(second)

@@ -8,6 +8,7 @@ from PIL import Image
 from visionr1_trainer.distributed import DistEnv, deepspeed_config
 from visionr1_trainer.grpo.algos import policy_loss
 from visionr1_trainer.grpo.batch import aggregation_weight, build_policy_batch, micro_batches, sequence_logprobs
+from visionr1_trainer.grpo.logprob_head import LogprobModel
 from visionr1_trainer.grpo.rollout import finish_rollout
 from visionr1_trainer.grpo.trainer import batch_indices, rank_share
 from visionr1_trainer.grpo.vllm_rollout import pad_completions, sampling_kwargs, vllm_requests
@@ -87,7 +88,7 @@ def test_sampled_image_token_is_masked_and_the_forward_does_not_crash(tiny):
     batch = build_policy_batch(enc, [1], rollout, 2, tok, image)
     assert batch.loss_mask[0].sum() == 0 and batch.loss_mask[1].sum() == 3
     assert (batch.completion_ids == image).sum() == 0  # replaced by padding
-    logprobs, entropy = sequence_logprobs(model, batch, [0, 1], 1.0, "cpu", with_entropy=True)
+    logprobs, entropy = sequence_logprobs(LogprobModel(model), batch, [0, 1], 1.0, "cpu", with_entropy=True)
     assert logprobs.shape == (2, 4) and torch.isfinite(logprobs).all() and entropy.shape == (2, 4)
 
 
@@ -143,7 +144,7 @@ def test_sampler_log_probs_match_the_training_forward(tmp_path):
     rollout = finish_rollout(ids, tok, 24, secs)
     batch = build_policy_batch(enc, [1, 1, 1], rollout, group, tok, image)
     with torch.no_grad():
-        train_lp, _ = sequence_logprobs(model, batch, range(batch.rows), 1.0, "cpu")
+        train_lp, _ = sequence_logprobs(LogprobModel(model), batch, range(batch.rows), 1.0, "cpu")
     mask = rollout.mask.bool()
     assert mask.sum() > 20
     assert (train_lp[mask] - sampled_lp[mask]).abs().max() < 0.05
@@ -162,7 +163,7 @@ def test_shared_prefix_forward_equals_the_full_forward_in_value_and_gradient(tin
     results = []
     for shared in (False, True):
         model.zero_grad()
-        logprobs, _ = sequence_logprobs(model, batch, rows, 1.0, "cpu", shared_prefix=shared)
+        logprobs, _ = sequence_logprobs(LogprobModel(model), batch, rows, 1.0, "cpu", shared_prefix=shared)
         (logprobs * batch.loss_mask[rows]).sum().backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results.append((logprobs.detach(), grads))
@@ -228,7 +229,8 @@ def test_text_only_models_get_pad_free_positions_in_the_prefix(tmp_path):
     assert torch.equal(ours[:, : theirs.shape[1]], theirs)
     batch = build_policy_batch(enc, [0, 0], finish_rollout(ours, tok, 8, secs), 2, tok, image)
     with torch.no_grad():
-        full, _ = sequence_logprobs(model, batch, range(4), 1.0, "cpu", shared_prefix=False)
-        shared, _ = sequence_logprobs(model, batch, range(4), 1.0, "cpu", shared_prefix=True)
+        policy = LogprobModel(model)
+        full, _ = sequence_logprobs(policy, batch, range(4), 1.0, "cpu", shared_prefix=False)
+        shared, _ = sequence_logprobs(policy, batch, range(4), 1.0, "cpu", shared_prefix=True)
     mask = batch.loss_mask.bool()
     assert torch.allclose(full[mask], shared[mask], atol=1e-4)

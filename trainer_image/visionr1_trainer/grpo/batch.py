@@ -13,7 +13,6 @@ from typing import Sequence
 import torch
 
 from ..models.vlm import EncodedPrompts, mm_token_types
-from .algos import token_logprobs, token_logprobs_and_entropy
 from .rollout import Rollout, vision_token_ids
 from .sampler import prefix_position_ids, rope_deltas
 
@@ -113,10 +112,13 @@ def sequence_logprobs(
     with_entropy: bool = False,
     shared_prefix: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs (and entropies) of the completion tokens of ``rows``: ``(b, T)`` each.
+    """Log-probs (and entropies) of the completion tokens of ``rows``: ``(b, T)`` each, float32.
 
     ``model`` is what runs the forward: one of our engines (the policy, the frozen
-    reference), never a module taken out of one.
+    reference) over a ``LogprobModel`` (grpo/logprob_head.py), never a module taken out of
+    one. Its head turns hidden states into log-probs ``LOGPROB_CHUNK_TOKENS`` (grpo/algos.py)
+    positions at a time, so no ``(b, T, V)`` full-vocabulary logits exist, in forward or in backward
+    (at 4 x 8192 tokens and a 152k vocabulary they would be about 20 GB per copy).
 
     With ``shared_prefix`` each distinct prompt of ``rows`` (and its images) goes through
     the model once and its KV cache is repeated for its rows, as the sampler does:
@@ -124,35 +126,47 @@ def sequence_logprobs(
     the plain forward on full sequences (``shared_prefix=False``), at a fraction of the
     prompt's cost when G completions share it.
     """
-    logits = (_prefix_shared_logits if shared_prefix and batch.prompts is not None else _full_logits)(
-        model, batch, list(rows), device
-    )
-    targets = batch.completion_ids[list(rows)].to(logits.device)
-    if with_entropy:
-        return token_logprobs_and_entropy(logits, targets, temperature)
-    return token_logprobs(logits, targets, temperature), None
+    score = _prefix_shared_scores if shared_prefix and batch.prompts is not None else _full_scores
+    logprobs, entropy = score(model, batch, list(rows), temperature, device)
+    return logprobs, entropy if with_entropy else None
 
 
-def _full_logits(model, batch: PolicyBatch, rows: list[int], device: str) -> torch.Tensor:
-    """(b, T, V): one forward on the full prompt + completion rows.
+def _scores(out) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(logprobs, entropy)`` a scoring forward returns; a plain model's output is refused.
 
-    Only the last ``T + 1`` positions' logits are materialised (``logits_to_keep``):
-    the prompt's logits are never needed, and at 4K-8K completion tokens times a
-    150K vocabulary they dominate memory.
+    A Hugging Face forward would accept ``targets`` into its ``**kwargs`` and return
+    logits: a clear error rather than a silent full-vocabulary path.
     """
-    T = batch.completion_len
-    out = model(**batch.model_inputs(rows, device), logits_to_keep=T + 1, use_cache=False)
-    return out.logits[:, :-1, :]  # position t predicts completion token t
+    if not (isinstance(out, tuple) and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out)):
+        raise TypeError(
+            "sequence_logprobs needs an engine over grpo/logprob_head.py's LogprobModel, whose forward "
+            f"scores targets; this model's forward returned {type(out).__name__}"
+        )
+    return out
 
 
-def _prefix_shared_logits(model, batch: PolicyBatch, rows: list[int], device: str) -> torch.Tensor:
-    """(b, T, V): each prompt once, its KV cache repeated for its rows, then the completions."""
+def _full_scores(model, batch: PolicyBatch, rows: list[int], temperature: float,
+                 device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(b, T) log-probs and entropies: one forward on the full prompt + completion rows.
+
+    The head sees only the last ``T + 1`` positions' hidden states (position t predicts
+    completion token t): the prompt's logits are never computed.
+    """
+    targets = batch.completion_ids[rows].to(device)
+    return _scores(model(targets=targets, temperature=temperature, **batch.model_inputs(rows, device)))
+
+
+def _prefix_shared_scores(model, batch: PolicyBatch, rows: list[int], temperature: float,
+                          device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(b, T) log-probs and entropies: each prompt once, its KV cache repeated for its rows,
+    then the completions scored on that cache."""
     prompts = batch.prompts
     owners = [r // batch.group_size for r in rows]  # prompt of each row
     distinct = sorted(set(owners))
     where = {p: i for i, p in enumerate(distinct)}
     sub = _select_prompts(prompts, distinct)
     inputs = {k: v.to(device) for k, v in sub.model_inputs(batch.image_token_id).items()}
+    # The plain forward (no targets): the cache, and the last prompt position's (p, 1, V) logits.
     prefix = model(**inputs, position_ids=prefix_position_ids(model, inputs["attention_mask"]),
                    use_cache=True, logits_to_keep=1)
     index = torch.tensor([where[p] for p in owners], device=device)
@@ -165,15 +179,16 @@ def _prefix_shared_logits(model, batch: PolicyBatch, rows: list[int], device: st
     position = prompt_mask.sum(dim=1, keepdim=True) + torch.arange(T, device=device).unsqueeze(0)  # (b, T)
     if deltas is not None:  # M-RoPE: text positions after the images, same on t, h, w
         position = (position + deltas.to(device).index_select(0, index)).unsqueeze(0).expand(3, -1, -1)
-    out = model(
+    return _scores(model(
+        targets=completion,
+        temperature=temperature,
+        first_logits=prefix.logits[:, -1:, :].index_select(0, index),  # the last prompt token predicts token 0
         input_ids=completion,
         attention_mask=torch.cat([prompt_mask, batch.attention_mask[rows, -T:].to(device)], dim=1),
         position_ids=position,
         past_key_values=cache,
         use_cache=True,
-    )
-    first = prefix.logits[:, -1:, :].index_select(0, index)  # the last prompt token predicts token 0
-    return torch.cat([first, out.logits[:, :-1, :]], dim=1)
+    ))
 
 
 def _select_prompts(prompts: EncodedPrompts, keep: list[int]) -> EncodedPrompts:

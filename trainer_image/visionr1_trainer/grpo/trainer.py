@@ -34,6 +34,7 @@ from ..runtime import StageStopped, UnusableSetting, stop_requested
 from .algos import group_advantages, masked_mean, policy_loss
 from .batch import aggregation_weight, build_policy_batch, micro_batches, pad_groups, sequence_logprobs
 from .engine import EngineSpec, make_engine, make_reference
+from .logprob_head import LogprobModel
 from .reward import batch_rewards
 from .rollout import RolloutBackend, SamplingSettings, make_rollout
 
@@ -241,7 +242,9 @@ def load_models(config: GRPOStageConfig, env: DistEnv, work: Path, weights_dir: 
     tokenizer and the image processor.
 
     The reference is the stage's starting point on every attempt, also after a resume.
-    Both load through their engine, so under ZeRO-3 both are partitioned as they load.
+    Both load through their engine, so under ZeRO-3 both are partitioned as they load,
+    each as a ``LogprobModel`` (grpo/logprob_head.py): the Hugging Face model, with the
+    Hugging Face parameter names, whose forward also scores completion tokens chunk by chunk.
     """
     source = resolve_model_dir(config.init_uri or config.model.name, config.storage, work)
     model = config.model
@@ -249,7 +252,9 @@ def load_models(config: GRPOStageConfig, env: DistEnv, work: Path, weights_dir: 
     spec = engine_spec(config, env)
 
     def loader(directory: str):
-        return lambda: load_model(directory, model.dtype, model.attn_implementation, env.device)
+        # Both score completions through LogprobModel's chunked head (no (b, T, V) logits);
+        # wrapped before the engine sees the model, so DeepSpeed hooks the head it calls.
+        return lambda: LogprobModel(load_model(directory, model.dtype, model.attn_implementation, env.device))
 
     engine = make_engine(loader(str(weights_dir) if weights_dir else source), lambda: load_model_config(source),
                          env, spec)
