@@ -95,3 +95,38 @@ def test_the_admins_policy_refuses_a_run_before_any_pod_exists(crd_installed, tm
         for name in ("greedy", "miner"):
             assert get_json(cluster, "jobs", "-n", "tenant-c", "-l", f"{LABEL_RUN}={name}")["items"] == []
         cluster.kubectl("delete", "vr1", "--all", "-n", "tenant-c", "--timeout=60s", check=False)
+
+
+PLANTED = {
+    ("hf-token", "token"): "planted-hf-token-5b1c9e",
+    ("s3-credentials", "AWS_ACCESS_KEY_ID"): "planted-access-key-77aa01",
+    ("s3-credentials", "AWS_SECRET_ACCESS_KEY"): "planted-secret-key-88bb02",
+    ("openai", "key"): "planted-openai-key-99cc03",
+}
+
+
+def test_no_secret_value_reaches_any_object_status_event_or_log(crd_installed, tmp_path):
+    """Distinct values in every Secret a run names; after the run has gone through every
+    stage, none appears in anything in the namespace but the Secrets themselves, nor in the
+    operator's log. (The stage pods would get them by secretKeyRef; kwok runs no trainer,
+    whose own outputs test_safety_secrets.py searches.)"""
+    cluster = crd_installed
+    namespace = "tenant-secrets"
+    ensure_namespace(cluster, namespace)
+    secrets: dict[str, dict[str, str]] = {}
+    for (name, key), value in PLANTED.items():
+        secrets.setdefault(name, {})[key] = value
+    for name, data in secrets.items():
+        cluster.kubectl("create", "secret", "generic", name, "-n", namespace,
+                        *[f"--from-literal={k}={v}" for k, v in data.items()])
+    log = tmp_path / "operator.log"
+    with operator_process(cluster.kubeconfig, ["--standalone"], log):
+        cluster.kubectl("create", "-f", "-", input=json.dumps(run_manifest("secretive", namespace)))
+        cluster.kubectl("wait", "--for=condition=Succeeded", "vr1/secretive", "-n", namespace,
+                        "--timeout=240s", timeout=260)
+        everything = cluster.kubectl("get", "configmaps,services,jobs,pods,events,visionr1runs",
+                                     "-n", namespace, "-o", "json").stdout
+        cluster.kubectl("delete", "vr1", "secretive", "-n", namespace, "--timeout=60s", check=False)
+    assert '"kind": "Job"' in everything and '"kind": "Event"' in everything
+    found = [v for v in PLANTED.values() if v in everything or v in log.read_text(errors="replace")]
+    assert found == []
