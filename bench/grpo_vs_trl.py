@@ -38,6 +38,7 @@ from visionr1_trainer.distributed import DistEnv
 from visionr1_trainer.grpo.algos import group_advantages, policy_loss
 from visionr1_trainer.grpo.batch import build_policy_batch, sequence_logprobs
 from visionr1_trainer.grpo.engine import EngineSpec, FrozenModel, TorchEngine
+from visionr1_trainer.grpo.logprob_head import LogprobModel
 from visionr1_trainer.grpo.reward import hard_format_result_reward
 from visionr1_trainer.grpo.rollout import HFRollout, SamplingSettings
 from visionr1_trainer.grpo.trainer import GRPOState, grpo_step
@@ -128,8 +129,10 @@ def run_ours(model_dir: Path, problems, args):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().requires_grad_(False)
+    # The stage scores completions through LogprobModel's chunked head, as grpo/trainer.py loads it.
+    policy = LogprobModel(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32))
+    reference = LogprobModel(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)).eval()
+    reference.requires_grad_(False)
     cfg = GRPOStageConfig.model_validate({
         "run": "bench", "stage": "ptst-1", "outputUri": "file:///tmp/bench", "storage": {"uri": "file:///tmp"},
         "model": {"name": str(model_dir)}, "ptstIndex": 1, "ptstTotal": 1, "data": {"source": "/tmp/none"},
