@@ -4,7 +4,6 @@ The deep-affinity attack on a running operator is in test_cluster_safety.py."""
 
 from __future__ import annotations
 
-import asyncio
 import resource
 import sys
 from datetime import datetime, timezone
