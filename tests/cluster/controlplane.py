@@ -149,8 +149,8 @@ class ControlPlane:
             self._install_kwok_stages()
             self._start_controllers(binaries, tls, env)
             self._create_nodes()
-            self._wait_nodes_ready(deadline)
             self._wait_default_service_account(deadline)
+            self._check_kwok(binaries, env, deadline)
         except BaseException:
             self.stop()
             raise
@@ -226,14 +226,62 @@ class ControlPlane:
             k8s, "kube-scheduler", f"--kubeconfig={kubeconfig}", "--leader-elect=false",
             "--bind-address=127.0.0.1", "--secure-port=0",
         ], env)
+        self._start_kwok(binaries, env)
+
+    def _start_kwok(self, binaries: dict[str, Path], env: dict[str, str]) -> None:
         self._component("kwok", [
-            str(binaries["kwok"]), f"--kubeconfig={kubeconfig}", "--manage-all-nodes=true",
+            str(binaries["kwok"]), f"--kubeconfig={self.kubeconfig}", "--manage-all-nodes=true",
             # Pod and node behaviour comes from Stage objects in the API server, so a test
             # can add one (a pod failing with exit code 3 after 5 s) while the cluster runs.
             "--enable-crds=Stage",
             f"--server-address=127.0.0.1:{free_port()}",
             "--node-ip=127.0.0.1", "--node-lease-duration-seconds=40",
         ], env)
+
+    def _check_kwok(self, binaries: dict[str, Path], env: dict[str, str], deadline: float) -> None:
+        """Nodes Ready and a probe Job completed, or kwok is started again.
+
+        kwok 0.7 in Stage-CRD mode can start its stage controllers before it has seen every
+        Stage (seen here under load: a Node controller without node-initialize, no Pod
+        controller), and then nodes never get Ready or pods never run. A fresh kwok lists
+        all the Stages at once; it is retried until the start deadline.
+        """
+        for attempt in range(1, 4):
+            if self._nodes_ready(timeout=30) and self._probe_job_completes(timeout=30):
+                return
+            if time.monotonic() > deadline or attempt == 3:
+                break
+            self.log(f"[cluster] kwok did not take up its Stages (try {attempt}); starting it again")
+            kwok = next(c for c in self.components if c.name == "kwok")
+            kwok.stop()
+            self.components.remove(kwok)
+            self._start_kwok(binaries, env)
+        raise ControlPlaneError(f"fake nodes or their pods never came up; log {self.cluster_dir / 'logs/kwok.log'}")
+
+    def _nodes_ready(self, timeout: float) -> bool:
+        try:
+            self._wait_nodes_ready(time.monotonic() + timeout)
+            return True
+        except ControlPlaneError:
+            return False
+
+    def _probe_job_completes(self, timeout: float) -> bool:
+        probe = json.dumps({
+            "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "kwok-probe", "namespace": "default"},
+            "spec": {"backoffLimit": 0, "template": {"spec": {
+                "restartPolicy": "Never", "containers": [{"name": "probe", "image": "probe"}]}}},
+        })
+        self.kubectl("delete", "job", "kwok-probe", "--ignore-not-found", "--wait=true", check=False)
+        self.kubectl("create", "-f", "-", input=probe)
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            self.check_alive()
+            out = self.kubectl("get", "job", "kwok-probe", "-o", "jsonpath={.status.succeeded}", check=False)
+            if out.stdout.strip() == "1":
+                self.kubectl("delete", "job", "kwok-probe", "--cascade=foreground", "--wait=false", check=False)
+                return True
+            time.sleep(0.5)
+        return False
 
     # --- waiting -----------------------------------------------------------------------
 
