@@ -229,3 +229,17 @@ def test_a_rollout_batch_that_does_not_split_over_the_ranks_is_refused_naming_th
                for path, message in err.value.problems), err.value.problems
     doc["spec"]["stages"]["grpo"]["rolloutBatchSize"] = 32
     validate_document(doc, "even.yaml")
+
+
+def test_a_finished_runs_edit_is_acknowledged_and_nothing_else_changes():
+    from visionr1_operator.status import finished_generation_patch
+
+    conditions = [{"type": "Succeeded", "status": "True", "reason": "AllStagesSucceeded", "observedGeneration": 1}]
+    body = {"metadata": {"generation": 2}, "status": {"phase": "Succeeded", "observedGeneration": 1,
+                                                     "conditions": conditions}}
+    assert finished_generation_patch(body) == {
+        "observedGeneration": 2, "conditions": [{**conditions[0], "observedGeneration": 2}]}
+    body["metadata"]["generation"] = 1
+    assert finished_generation_patch(body) is None  # already current
+    running = {"metadata": {"generation": 3}, "status": {"phase": "Running", "observedGeneration": 1}}
+    assert finished_generation_patch(running) is None  # the run's controller does it

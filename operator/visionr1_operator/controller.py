@@ -15,6 +15,7 @@ it starts from the stored status and the Jobs that exist.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -35,7 +36,7 @@ from .metrics import OperatorMetrics
 from .admission import Policy, admission_problems
 from .progress import Scraper, parse_progress, same_progress
 from .reconcile import TERMINAL, Decision, Observed, PlannedRun, ReconcileSettings, current_stage, decide, plan_run
-from .status import merge_patch, status_document
+from .status import finished_generation_patch, merge_patch, status_document
 
 RunKey = tuple[str, str]  # (namespace, name)
 
@@ -74,6 +75,13 @@ class Operator:
         controller = self._controllers.get((namespace, name))
         if controller is not None and controller.spec_changed(body):
             controller.wake.set()
+
+    async def acknowledge_if_finished(self, namespace: str, name: str, body: Mapping[str, Any]) -> None:
+        """A finished run's daemon has returned: its spec edits are acknowledged here."""
+        patch = finished_generation_patch(body) if (namespace, name) not in self._controllers else None
+        if patch is not None:
+            await Kube(self.settings, logging.getLogger(__name__), self.metrics.api_request).patch_run_status(
+                namespace, name, patch)
 
     async def serve_run(
         self, body: kopf.Body, jobs_index: kopf.Index, stopped: kopf.DaemonStopped, logger: Any
@@ -187,6 +195,9 @@ class RunController:
         """Observe, decide, act. Returns (seconds until the next look, whether the run is finished)."""
         if self.status.phase in TERMINAL:
             self.op.metrics.observe_run(self.key, self.status.phase)
+            patch = finished_generation_patch(self.body)  # edited while no operator ran
+            if patch is not None:
+                await self.kube.patch_run_status(self.key[0], self.key[1], patch)
             return None, True
         if self.body.metadata.get("deletionTimestamp"):
             return None, False  # being deleted: start nothing; kopf stops this loop next

@@ -75,6 +75,7 @@ async def job_changed(body: kopf.Body, namespace: str, labels: kopf.Labels, memo
 
 async def run_changed(body: kopf.Body, namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
     memo.operator.run_changed(namespace, name, body)
+    await memo.operator.acknowledge_if_finished(namespace, name, body)
 
 
 async def run_stages(

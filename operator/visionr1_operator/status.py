@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Mapping
 
 from .api import Condition, VisionR1RunStatus
 
@@ -71,3 +71,25 @@ def merge_patch(old: Any, new: Any) -> Any:
         elif old[key] != value:
             patch[key] = merge_patch(old[key], value) if isinstance(value, dict) else value
     return patch
+
+
+def finished_generation_patch(body: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The status patch that acknowledges a spec edit on a finished run, or None.
+
+    A run that has Succeeded or Failed has nothing left to do, but ``kubectl wait`` and
+    Flux's kstatus keep waiting while a condition's ``observedGeneration`` (or the
+    status's) is below ``metadata.generation``: the edit is recorded as observed, and
+    nothing else about the run changes. ``body`` is the run as the API serves it.
+    """
+    status = body.get("status") or {}
+    generation = (body.get("metadata") or {}).get("generation")
+    if status.get("phase") not in ("Succeeded", "Failed") or not isinstance(generation, int):
+        return None
+    conditions = status.get("conditions") or []
+    if status.get("observedGeneration") == generation and all(
+        c.get("observedGeneration") == generation for c in conditions
+    ):
+        return None
+    # A merge patch replaces a list whole: every condition goes back, only renumbered.
+    return {"observedGeneration": generation,
+            "conditions": [{**c, "observedGeneration": generation} for c in conditions]}
