@@ -49,13 +49,6 @@ class _WithFactoryDefaults(GenerateJsonSchema):
         return value if value is not None else NoDefault
 
 
-def _all_defaults(cls: type[BaseModel]) -> BaseModel | None:
-    try:
-        return cls.model_validate({})
-    except ValueError:
-        return None
-
-
 def _dump(model: BaseModel) -> dict[str, Any]:
     return model.model_dump(mode="json", by_alias=True, exclude_none=True)
 
