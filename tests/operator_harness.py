@@ -29,11 +29,11 @@ from kmock._internal import rendering
 from kmock._internal.enums import action
 
 from visionr1_operator.api import GROUP, KIND, PLURAL, VERSION
-from visionr1_operator.controller import OperatorConfig
-from visionr1_operator.handlers import register
-from visionr1_operator.jobs import ANNOTATION_COMPLETION_INDEX, CONTAINER, LABEL_JOB_NAME
-from visionr1_operator.metrics import OperatorMetrics
-from visionr1_operator.reconcile import ReconcileSettings
+from visionr1_operator.cluster.controller import OperatorConfig
+from visionr1_operator.cluster.handlers import register
+from visionr1_operator.cluster.naming import ANNOTATION_COMPLETION_INDEX, CONTAINER, LABEL_JOB_NAME
+from visionr1_operator.cluster.metrics import OperatorMetrics
+from visionr1_operator.cluster.reconcile import ReconcileSettings
 
 RUNS = f"{GROUP}/{VERSION}/{PLURAL}"
 RESOURCES = {

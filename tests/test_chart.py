@@ -16,9 +16,10 @@ import yaml
 from chart_harness import CHART, NAMESPACE, ROOT, VALUE_SETS, crds, of_kind, one, operator_args, render, render_files
 
 from visionr1_operator import __version__
-from visionr1_operator.__main__ import parse_args
+from visionr1_operator.cluster.__main__ import parse_args
 from visionr1_operator.crd import render_crd_yaml
-from visionr1_operator.jobs import CONTAINER, Owner, build_job
+from visionr1_operator.cluster.jobs import build_job
+from visionr1_operator.cluster.naming import CONTAINER, Owner
 from visionr1_operator.manifest import validate_document
 from visionr1_operator.plan import DEFAULT_TRAINER_IMAGE, build_plan
 

@@ -20,9 +20,10 @@ import pytest
 from chart_harness import NAMESPACE, VALUE_SETS, of_kind, one, operator_args, render
 from operator_harness import RUNS, Api, JobPlayer, cluster_api, run_manifest, running_operator
 
-from visionr1_operator.__main__ import kopf_options, parse_args
-from visionr1_operator.controller import parse_run
-from visionr1_operator.jobs import Owner, build_stage_objects
+from visionr1_operator.cluster.__main__ import kopf_options, parse_args
+from visionr1_operator.cluster.controller import parse_run
+from visionr1_operator.cluster.jobs import build_stage_objects
+from visionr1_operator.cluster.naming import Owner
 from visionr1_operator.plan import build_plan
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(120)]

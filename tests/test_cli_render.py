@@ -30,7 +30,8 @@ def test_render_prints_configmap_and_job_per_stage_and_a_service_for_multi_node(
 
 def test_render_uses_the_same_builder_as_the_operator():
     run = load_run(ROOT / "examples" / "tiny-cpu.yaml")
-    from visionr1_operator.jobs import Owner, build_stage_objects
+    from visionr1_operator.cluster.jobs import build_stage_objects
+    from visionr1_operator.cluster.naming import Owner
 
     plan = build_plan(run)[0]
     expected = build_stage_objects(Owner(run.name, run.namespace, ""), run.spec, plan, 1, suspend=False)

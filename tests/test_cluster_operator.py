@@ -33,7 +33,7 @@ from cluster_harness import (
 )
 from operator_harness import run_manifest
 
-from visionr1_operator.jobs import LABEL_RUN
+from visionr1_operator.cluster.naming import LABEL_RUN
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
 

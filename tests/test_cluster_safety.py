@@ -10,7 +10,7 @@ import pytest
 from cluster_harness import ensure_namespace, get_json, operator_process, wait_until
 from operator_harness import run_manifest
 
-from visionr1_operator.jobs import LABEL_RUN
+from visionr1_operator.cluster.naming import LABEL_RUN
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 

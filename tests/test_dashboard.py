@@ -18,7 +18,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from visionr1_operator.api import StageStatus
-from visionr1_operator.metrics import OperatorMetrics
+from visionr1_operator.cluster.metrics import OperatorMetrics
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "charts" / "visionr1-operator" / "dashboards" / "visionr1.json"

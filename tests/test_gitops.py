@@ -22,10 +22,10 @@ from celpy.adapter import json_to_cel
 from lupa import lua51
 
 from visionr1_operator.api import CONDITION_TYPES, PLURAL, SHORT_NAMES, SINGULAR, VisionR1RunStatus
-from visionr1_operator.controller import parse_run
-from visionr1_operator.jobs import JobView, PodReport
-from visionr1_operator.reconcile import Observed, ReconcileSettings, decide
-from visionr1_operator.status import status_document
+from visionr1_operator.cluster.controller import parse_run
+from visionr1_operator.cluster.observe import JobView, PodReport
+from visionr1_operator.cluster.reconcile import Observed, ReconcileSettings, decide
+from visionr1_operator.cluster.status import status_document
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"

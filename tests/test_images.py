@@ -21,8 +21,8 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
-from visionr1_operator import jobs
-from visionr1_operator.__main__ import build_parser
+from visionr1_operator.cluster import jobs, naming
+from visionr1_operator.cluster.__main__ import build_parser
 from visionr1_trainer.config import StageContext
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -400,7 +400,7 @@ def test_trainer_runs_as_the_uid_of_the_stage_pods_with_writable_home_and_caches
     final = stages_of(TRAINER)[-1]
     uid, gid = final_user(final)
     assert uid.isdigit() and int(uid) != 0, f"USER {uid}: runAsNonRoot needs a numeric, non-zero uid"
-    assert int(uid) == jobs.RUN_AS_USER and int(gid or uid) == jobs.RUN_AS_USER
+    assert int(uid) == naming.RUN_AS_USER and int(gid or uid) == naming.RUN_AS_USER
     runs = " && ".join(final.args("RUN"))
     assert f"--uid {uid}" in runs, f"no passwd entry for uid {uid} (torch's getpass.getuser() needs one)"
     env = env_of(final)
@@ -420,7 +420,7 @@ def test_trainer_runs_as_the_uid_of_the_stage_pods_with_writable_home_and_caches
 def test_trainer_exposes_its_metrics_and_rendezvous_ports():
     exposed = {int(p.split("/")[0]) for a in stages_of(TRAINER)[-1].args("EXPOSE") for p in a.split()}
     metrics = StageContext.model_fields["metrics_port"].default
-    assert metrics == 9400 and {metrics, jobs.RENDEZVOUS_PORT} <= exposed
+    assert metrics == 9400 and {metrics, naming.RENDEZVOUS_PORT} <= exposed
 
 
 # --- the reader itself -------------------------------------------------------------------

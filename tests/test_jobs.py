@@ -9,7 +9,7 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 
-from visionr1_operator import jobs
+from visionr1_operator.cluster import jobs, naming, observe
 from visionr1_operator.api import VisionR1Run
 from visionr1_operator.manifest import load_run, validate_document
 from visionr1_operator.plan import build_plan
@@ -18,8 +18,8 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 OWNER_UID = "0b1c5c2e-7d0b-4a43-9d9b-5a4f0f6f7e21"
 
 
-def owner_of(run: VisionR1Run) -> jobs.Owner:
-    return jobs.Owner(run.name, run.namespace, OWNER_UID)
+def owner_of(run: VisionR1Run) -> naming.Owner:
+    return naming.Owner(run.name, run.namespace, OWNER_UID)
 
 
 def plans_of(run: VisionR1Run) -> dict:
@@ -237,23 +237,23 @@ def failed(reason: str, message: str) -> dict:
 
 
 def test_observe_job_states():
-    assert jobs.observe_job(job_with()).state == "Pending"
-    assert jobs.observe_job(job_with(suspend=True)).state == "Suspended"
-    running = jobs.observe_job(job_with({"startTime": "2026-01-01T00:00:00Z", "active": 1}))
+    assert observe.observe_job(job_with()).state == "Pending"
+    assert observe.observe_job(job_with(suspend=True)).state == "Suspended"
+    running = observe.observe_job(job_with({"startTime": "2026-01-01T00:00:00Z", "active": 1}))
     assert (running.state, running.stage, running.attempt, running.owner_uid) == ("Running", "sft", 2, "u1")
-    done = jobs.observe_job(job_with({"completionTime": "2026-01-01T00:00:05Z", "conditions": [
+    done = observe.observe_job(job_with({"completionTime": "2026-01-01T00:00:05Z", "conditions": [
         {"type": "SuccessCriteriaMet", "status": "True"}, {"type": "Complete", "status": "True"}]}))
     assert (done.state, done.finished_at) == ("Succeeded", "2026-01-01T00:00:05Z")
-    error = jobs.observe_job(job_with(failed("BackoffLimitExceeded", "Job has reached the specified backoff limit")))
+    error = observe.observe_job(job_with(failed("BackoffLimitExceeded", "Job has reached the specified backoff limit")))
     assert (error.state, error.failure_kind, error.finished_at) == ("Failed", "error", "2026-01-01T00:00:09Z")
-    bad = jobs.observe_job(job_with(failed(
+    bad = observe.observe_job(job_with(failed(
         "PodFailurePolicy", "Container trainer for pod ns/r-sft-2-0-x failed with exit code 2 matching FailJob rule at index 0")))
     assert bad.failure_kind == "bad-config"
-    lost = jobs.observe_job(job_with(failed(
+    lost = observe.observe_job(job_with(failed(
         "PodFailurePolicy", "Pod ns/r-sft-2-1-y has condition DisruptionTarget matching FailJob rule at index 1")))
     assert lost.failure_kind == "disruption"
     # A Job the Kueue preempted is suspended, not failed.
-    assert jobs.observe_job(job_with({"conditions": [{"type": "Suspended", "status": "True"}]}, suspend=True)).state == "Suspended"
+    assert observe.observe_job(job_with({"conditions": [{"type": "Suspended", "status": "True"}]}, suspend=True)).state == "Suspended"
 
 
 def pod(index: int, exit_code: int | None, message: str = "", phase: str = "Succeeded", reason: str = "Error") -> dict:
@@ -269,15 +269,15 @@ def pod(index: int, exit_code: int | None, message: str = "", phase: str = "Succ
 
 def test_pod_report_reads_the_trainers_summary_and_failures():
     summary = {"step": 100, "reward": 0.71, "artifactUri": "s3://b/r/sft/model"}
-    report = jobs.pod_report([pod(1, 0, ""), pod(0, 0, json.dumps(summary))])
-    assert report == jobs.PodReport(summary=summary, failure=None)
-    report = jobs.pod_report([pod(0, 1, json.dumps({"stage": "sft", "error": "RuntimeError: CUDA error"}))])
+    report = observe.pod_report([pod(1, 0, ""), pod(0, 0, json.dumps(summary))])
+    assert report == observe.PodReport(summary=summary, failure=None)
+    report = observe.pod_report([pod(0, 1, json.dumps({"stage": "sft", "error": "RuntimeError: CUDA error"}))])
     assert report.failure == "pod r-sft-2-0 exited with code 1: RuntimeError: CUDA error"
     assert report.summary == {"stage": "sft", "error": "RuntimeError: CUDA error"}
-    oom = jobs.pod_report([pod(0, 137, "", reason="OOMKilled")])
-    assert oom == jobs.PodReport(summary=None, failure="pod r-sft-2-0 exited with code 137 (OOMKilled)")
-    assert jobs.pod_report([pod(0, None, phase="Running")]) == jobs.PodReport()
-    assert jobs.pod_report([pod(0, 0, "not json")]).summary is None
+    oom = observe.pod_report([pod(0, 137, "", reason="OOMKilled")])
+    assert oom == observe.PodReport(summary=None, failure="pod r-sft-2-0 exited with code 137 (OOMKilled)")
+    assert observe.pod_report([pod(0, None, phase="Running")]) == observe.PodReport()
+    assert observe.pod_report([pod(0, 0, "not json")]).summary is None
 
 
 def test_metrics_endpoint_is_the_running_rank_zero_pod():
@@ -285,6 +285,6 @@ def test_metrics_endpoint_is_the_running_rank_zero_pod():
     running["status"]["podIP"] = "10.1.2.3"
     other = pod(1, None, phase="Running")
     other["status"]["podIP"] = "10.1.2.4"
-    assert jobs.metrics_endpoint([other, running]) == "http://10.1.2.3:9400/metrics"
-    assert jobs.metrics_endpoint([pod(0, None, phase="Pending")]) is None
-    assert jobs.pods_of([running, {"metadata": {"labels": {}}}], "r-sft-2") == [running]
+    assert observe.metrics_endpoint([other, running]) == "http://10.1.2.3:9400/metrics"
+    assert observe.metrics_endpoint([pod(0, None, phase="Pending")]) is None
+    assert observe.pods_of([running, {"metadata": {"labels": {}}}], "r-sft-2") == [running]

@@ -16,10 +16,10 @@ import yaml
 from rich.console import Console
 
 from visionr1_operator.cli import main as cli
-from visionr1_operator.local import execute, load_status, run_dir, with_local_storage
-from visionr1_operator.local_display import RichDisplay
+from visionr1_operator.local.executor import execute, load_status, run_dir, with_local_storage
+from visionr1_operator.local.display import RichDisplay
 from visionr1_operator.manifest import load_run
-from visionr1_operator.report import load_run_data, write_report
+from visionr1_operator.local.report import load_run_data, write_report
 from visionr1_trainer.demo import prepare
 from visionr1_trainer.metrics import read_jsonl
 

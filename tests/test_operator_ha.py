@@ -10,8 +10,8 @@ from chart_harness import VALUE_SETS, one, operator_args, render
 from operator_harness import RUNS, JobPlayer, cluster_api, run_manifest, running_operator
 from test_chart_rbac import declare_cluster_extras
 
-from visionr1_operator.__main__ import kopf_options, parse_args
-from visionr1_operator.metrics import OperatorMetrics
+from visionr1_operator.cluster.__main__ import kopf_options, parse_args
+from visionr1_operator.cluster.metrics import OperatorMetrics
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(120)]
 PEERINGS = "kopf.dev/v1/clusterkopfpeerings"

@@ -21,9 +21,10 @@ from crd_harness import structural_errors
 from operator_harness import RUNS, Api, JobPlayer, cluster_api, run_manifest, running_operator
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
-from visionr1_operator.controller import parse_run
-from visionr1_operator.jobs import Owner, build_config_map
-from visionr1_operator.metrics import OperatorMetrics
+from visionr1_operator.cluster.controller import parse_run
+from visionr1_operator.cluster.jobs import build_config_map
+from visionr1_operator.cluster.naming import Owner
+from visionr1_operator.cluster.metrics import OperatorMetrics
 from visionr1_operator.plan import build_plan
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]

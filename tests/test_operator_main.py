@@ -6,7 +6,7 @@ import os
 
 import kubernetes.config.kube_config as kube_config
 
-from visionr1_operator.__main__ import build_parser, operator_config, use_kubeconfig
+from visionr1_operator.cluster.__main__ import build_parser, operator_config, use_kubeconfig
 from visionr1_operator.plan import DEFAULT_TRAINER_IMAGE
 
 
@@ -44,7 +44,7 @@ def test_kubeconfig_flag_reaches_the_clients_default(tmp_path, monkeypatch):
 def test_no_cluster_scan_needs_exact_namespaces(capsys):
     import pytest
 
-    from visionr1_operator.__main__ import kopf_options, parse_args
+    from visionr1_operator.cluster.__main__ import kopf_options, parse_args
 
     args = parse_args(["-n", "research", "--no-cluster-scan"])
     settings, options = kopf_options(args)
@@ -61,7 +61,7 @@ def test_no_cluster_scan_needs_exact_namespaces(capsys):
 def test_priority_auto_gives_replicas_different_priorities(capsys):
     import pytest
 
-    from visionr1_operator.__main__ import parse_args
+    from visionr1_operator.cluster.__main__ import parse_args
 
     priorities = {parse_args(["--peering", "vr1", "--priority", "auto"]).priority for _ in range(20)}
     assert len(priorities) == 20 and all(p > 0 for p in priorities)  # a tie would pause every replica

@@ -9,10 +9,10 @@ import pytest
 from operator_harness import run_manifest
 
 from visionr1_operator.api import Progress, VisionR1RunStatus
-from visionr1_operator.controller import parse_run
-from visionr1_operator.jobs import JobView, PodReport
-from visionr1_operator.reconcile import Decision, Observed, ReconcileSettings, decide
-from visionr1_operator.status import merge_patch, status_document
+from visionr1_operator.cluster.controller import parse_run
+from visionr1_operator.cluster.observe import JobView, PodReport
+from visionr1_operator.cluster.reconcile import Decision, Observed, ReconcileSettings, decide
+from visionr1_operator.cluster.status import merge_patch, status_document
 
 SETTINGS = ReconcileSettings(default_image="visionr1/trainer:test", retry_base_seconds=10, retry_max_seconds=300)
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -170,7 +170,7 @@ def json_attempt(d: Decision) -> int:
 
 
 def test_backoff_doubles_up_to_the_maximum():
-    from visionr1_operator.reconcile import retry_delay
+    from visionr1_operator.cluster.reconcile import retry_delay
 
     assert [retry_delay(n, SETTINGS) for n in (1, 2, 3, 6, 10)] == [10, 20, 40, 300, 300]
 

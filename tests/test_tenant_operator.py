@@ -14,7 +14,7 @@ from operator_harness import run_manifest
 
 from visionr1_operator.api import VisionR1Run
 from visionr1_operator.manifest import ManifestError, validate_document
-from visionr1_operator.progress import MAX_PAGE_BYTES, Scraper, keep_series, parse_progress
+from visionr1_operator.cluster.progress import MAX_PAGE_BYTES, Scraper, keep_series, parse_progress
 
 PAGE = (
     "# HELP visionr1_step Last step.\n# TYPE visionr1_step gauge\n"
@@ -45,7 +45,8 @@ def test_a_real_affinity_still_reaches_the_pods():
     doc = run_manifest("placed")
     doc["spec"]["stages"]["sft"]["resources"] = {"affinity": affinity}
     run = VisionR1Run.model_validate(doc, by_alias=True, by_name=False)
-    from visionr1_operator.jobs import Owner, build_job
+    from visionr1_operator.cluster.jobs import build_job
+    from visionr1_operator.cluster.naming import Owner
     from visionr1_operator.plan import build_plan
 
     plan = next(p for p in build_plan(run) if p.name == "sft")
@@ -160,14 +161,14 @@ def _plans(**resources):
 
 
 def test_an_empty_policy_allows_anything():
-    from visionr1_operator.admission import Policy, policy_problems
+    from visionr1_operator.cluster.admission import Policy, policy_problems
 
     assert policy_problems(_plans(serviceAccountName="admin", priorityClassName="system-node-critical"),
                            Policy()) == []
 
 
 def test_the_policy_refuses_what_it_does_not_list_naming_the_field():
-    from visionr1_operator.admission import Policy, policy_problems
+    from visionr1_operator.cluster.admission import Policy, policy_problems
 
     policy = Policy(service_accounts=("default",), priority_classes=("research-low",),
                     image_prefixes=("registry.example.com/",))
@@ -184,7 +185,7 @@ def test_the_policy_refuses_what_it_does_not_list_naming_the_field():
 
 
 def test_the_operator_flags_build_the_policy():
-    from visionr1_operator.__main__ import operator_config, parse_args
+    from visionr1_operator.cluster.__main__ import operator_config, parse_args
 
     config = operator_config(parse_args(["--allow-service-account=default", "--allow-service-account=trainer",
                                          "--allow-image-prefix=registry.example.com/ml/"]))
@@ -193,7 +194,7 @@ def test_the_operator_flags_build_the_policy():
 
 
 def test_a_stage_config_too_big_for_its_configmap_is_refused_before_any_create(monkeypatch):
-    from visionr1_operator import admission
+    from visionr1_operator.cluster import admission
 
     plans = _plans()
     assert admission.size_problems(plans) == []  # an ordinary run is far below the limit
@@ -205,7 +206,8 @@ def test_a_stage_config_too_big_for_its_configmap_is_refused_before_any_create(m
 
 def test_a_pods_termination_message_is_masked_before_it_reaches_the_status(monkeypatch):
     """A trainer image the tenant chose may write anything; the operator masks what it copies."""
-    from visionr1_operator.jobs import CONTAINER, pod_report
+    from visionr1_operator.cluster.naming import CONTAINER
+    from visionr1_operator.cluster.observe import pod_report
 
     monkeypatch.setenv("HF_TOKEN", "planted-hub-token-0f0f")
     message = '{"error": "GET https://user:pw@hub.example/x failed with planted-hub-token-0f0f"}'
@@ -232,7 +234,7 @@ def test_a_rollout_batch_that_does_not_split_over_the_ranks_is_refused_naming_th
 
 
 def test_a_finished_runs_edit_is_acknowledged_and_nothing_else_changes():
-    from visionr1_operator.status import finished_generation_patch
+    from visionr1_operator.cluster.status import finished_generation_patch
 
     conditions = [{"type": "Succeeded", "status": "True", "reason": "AllStagesSucceeded", "observedGeneration": 1}]
     body = {"metadata": {"generation": 2}, "status": {"phase": "Succeeded", "observedGeneration": 1,

@@ -22,7 +22,8 @@ from rich.table import Table
 
 from . import __version__
 from .crd import render_crd_yaml
-from .jobs import Owner, build_stage_objects
+from .cluster.jobs import build_stage_objects
+from .cluster.naming import Owner
 from .manifest import ManifestError, load_run, load_runs
 from .plan import DEFAULT_TRAINER_IMAGE, StagePlan, build_plan
 

@@ -23,8 +23,8 @@ def _errors(lines) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .local import execute, with_local_storage
-    from .local_display import RichDisplay
+    from .local.executor import execute, with_local_storage
+    from .local.display import RichDisplay
 
     try:
         run = with_local_storage(load_run(args.file), args.storage)
@@ -37,15 +37,15 @@ def _run_dir(target: str) -> Path:
     """A run directory, or the one a manifest's local run uses."""
     path = Path(target)
     if path.is_file():
-        from .local import run_dir, with_local_storage
+        from .local.executor import run_dir, with_local_storage
 
         return run_dir(with_local_storage(load_run(path), None))
     return path
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .local import load_status
-    from .local_display import print_status
+    from .local.executor import load_status
+    from .local.display import print_status
 
     try:
         directory = _run_dir(args.target)
@@ -59,9 +59,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import ReportError, write_report
-    from .local import load_status
-    from .local_display import print_status
+    from .local.report import ReportError, write_report
+    from .local.executor import load_status
+    from .local.display import print_status
 
     try:
         directory = _run_dir(args.target)
@@ -82,7 +82,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def _print_eval(console: Console, directory: Path) -> None:
     from rich.table import Table
 
-    from .report import eval_table, load_run_data
+    from .local.report import eval_table, load_run_data
 
     benches, labels, cells = eval_table(load_run_data(directory))
     if not cells:

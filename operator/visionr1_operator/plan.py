@@ -1,7 +1,7 @@
 """Spec -> the ordered stage plans of a run. Pure: no I/O, no kopf, no Kubernetes.
 
 Both executors consume this list: the operator turns each plan into a ConfigMap and a
-Job (``jobs.py``), the local executor into a subprocess. Artifact locations are fixed
+Job (``cluster/jobs.py``), the local executor into a subprocess. Artifact locations are fixed
 by the plan (``<storage>/<namespace>/<run>/<stage>``), so every stage's inputs are known
 before anything runs and a restarted stage finds its own checkpoints again.
 """

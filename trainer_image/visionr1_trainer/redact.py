@@ -26,7 +26,7 @@ import re
 from typing import Iterable
 
 MASK = "***"
-# Where stages find their secrets (operator/visionr1_operator/jobs.py maps them).
+# Where stages find their secrets (operator/visionr1_operator/cluster/pods.py maps them).
 SECRET_ENV = (
     "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN",
     "HUGGING_FACE_HUB_TOKEN", "VISIONR1_BRIDGE_MULTIMODAL_API_KEY",

@@ -15,7 +15,7 @@ from datetime import datetime
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from .api import Progress
+from ..api import Progress
 from .status import timestamp
 
 _SERIES = {

@@ -17,7 +17,7 @@ import kopf
 from kopf._cogs.clients import api as _api
 from kopf._cogs.clients import errors as _errors
 
-from .api import GROUP, PLURAL, VERSION
+from ..api import GROUP, PLURAL, VERSION
 
 APIError = _errors.APIError
 NotFound = _errors.APINotFoundError

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..plan import StagePlan
 from .jobs import config_text
-from .plan import StagePlan
 
 # A ConfigMap's data may hold at most 1 MiB (core/v1 validation: MaxConfigMapSize); leave
 # room for the object's metadata.

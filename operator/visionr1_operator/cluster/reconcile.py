@@ -20,9 +20,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal, Mapping
 
-from .api import Progress, StageStatus, VisionR1Run, VisionR1RunStatus
-from .jobs import JobView, PodReport, config_hash, job_name, parse_time
-from .plan import StagePlan, build_plan
+from ..api import Progress, StageStatus, VisionR1Run, VisionR1RunStatus
+from ..plan import StagePlan, build_plan
+from .jobs import config_hash
+from .naming import job_name
+from .observe import JobView, PodReport, parse_time
 from .status import get_condition, set_condition, timestamp
 
 TERMINAL = ("Succeeded", "Failed")

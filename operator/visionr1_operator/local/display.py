@@ -8,9 +8,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .api import StageStatus, VisionR1Run, VisionR1RunStatus
-from .local import StageProgress
-from .plan import StagePlan
+from ..api import StageStatus, VisionR1Run, VisionR1RunStatus
+from ..plan import StagePlan
+from .executor import StageProgress
 
 
 class RichDisplay:

@@ -15,10 +15,9 @@ import html
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from .api import VisionR1RunStatus
-from .local import STATUS_FILE
+from ..api import VisionR1RunStatus
+from .executor import STATUS_FILE
 
 
 class ReportError(Exception):

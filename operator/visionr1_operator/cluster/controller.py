@@ -26,14 +26,14 @@ from pydantic import ValidationError
 
 from visionr1_trainer.config import WIRE
 
-from .api import StageStatus, VisionR1Run, VisionR1RunStatus
-from .jobs import (
-    JobView, Owner, PodReport, build_stage_objects, metrics_endpoint, observe_job, parse_time, pod_report, pods_of,
-)
-from .kube import APIError, ForeignObject, Kube
-from .manifest import ManifestError, validate_document
-from .metrics import OperatorMetrics
+from ..api import StageStatus, VisionR1Run, VisionR1RunStatus
+from ..manifest import ManifestError, validate_document
 from .admission import Policy, admission_problems
+from .jobs import build_stage_objects
+from .kube import APIError, ForeignObject, Kube
+from .metrics import OperatorMetrics
+from .naming import Owner
+from .observe import JobView, PodReport, metrics_endpoint, observe_job, parse_time, pod_report, pods_of
 from .progress import Scraper, parse_progress, same_progress
 from .reconcile import TERMINAL, Decision, Observed, PlannedRun, ReconcileSettings, current_stage, decide, plan_run
 from .status import finished_generation_patch, merge_patch, status_document

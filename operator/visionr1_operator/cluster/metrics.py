@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .api import StageStatus
+from ..api import StageStatus
 
 PHASES = ("Pending", "Running", "Suspended", "Succeeded", "Failed")
 # Stage attempts last minutes to days.

@@ -21,9 +21,10 @@ from typing import Any
 
 import kopf
 
-from .api import GROUP, PLURAL, VERSION
+from ..api import GROUP, PLURAL, VERSION
 from .controller import Operator
-from .jobs import LABEL_MANAGED_BY, LABEL_RUN, MANAGED_BY, JobView, observe_job
+from .naming import LABEL_MANAGED_BY, LABEL_RUN, MANAGED_BY
+from .observe import JobView, observe_job
 
 FINALIZER = "visionr1.io/finalizer"
 OUR_JOBS = {LABEL_MANAGED_BY: MANAGED_BY, LABEL_RUN: kopf.PRESENT}

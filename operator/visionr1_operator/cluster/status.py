@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any, Mapping
 
-from .api import Condition, VisionR1RunStatus
+from ..api import Condition, VisionR1RunStatus
 
 
 def timestamp(moment: datetime) -> str:

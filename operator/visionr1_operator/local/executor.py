@@ -31,8 +31,8 @@ from typing import Callable
 
 from visionr1_trainer.config import FINAL_ARTIFACT, artifact_uri
 
-from .api import Condition, StageStatus, VisionR1Run, VisionR1RunStatus
-from .plan import StagePlan, build_plan
+from ..api import Condition, StageStatus, VisionR1Run, VisionR1RunStatus
+from ..plan import StagePlan, build_plan
 
 STATUS_FILE = "status.json"
 EXIT_STOPPED_BY_SIGNAL = (130, 143, -signal.SIGINT, -signal.SIGTERM)
