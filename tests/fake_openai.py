@@ -47,6 +47,38 @@ class FakeOpenAIServer:
         handler.end_headers()
         handler.wfile.write(data)
 
+    @staticmethod
+    def reply_stream(handler: BaseHTTPRequestHandler, chunks: list[dict], gap_s: float = 0.0,
+                     done: bool = True) -> None:
+        """Server-sent events as an OpenAI-compatible server streams them: one ``data:`` line
+        per chunk, ``gap_s`` seconds apart, then ``data: [DONE]`` (unless ``done`` is False,
+        a stream cut short)."""
+        import time
+
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream")
+        handler.end_headers()
+        for chunk in chunks:
+            handler.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            handler.wfile.flush()
+            time.sleep(gap_s)
+        if done:
+            handler.wfile.write(b"data: [DONE]\n\n")
+            handler.wfile.flush()
+
+    @staticmethod
+    def stream_chunks(content: str, reasoning: str = "", finish_reason: str = "stop", pieces: int = 4) -> list[dict]:
+        """``content`` and ``reasoning`` cut into ``pieces`` deltas each, then the finish reason."""
+        def cut(text):
+            step = max(1, -(-len(text) // pieces))
+            return [text[i:i + step] for i in range(0, len(text), step)]
+
+        chunks = [{"choices": [{"index": 0, "delta": {"reasoning_content": p}, "finish_reason": None}]}
+                  for p in cut(reasoning)]
+        chunks += [{"choices": [{"index": 0, "delta": {"content": p}, "finish_reason": None}]} for p in cut(content)]
+        chunks.append({"choices": [{"index": 0, "delta": {}, "finish_reason": finish_reason}]})
+        return chunks
+
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()

@@ -65,8 +65,10 @@ def test_reflection_markers_and_stats():
     counts = reflection_counts("Wait, wait. Hmm... Let me check. Let me double-check it. Alternatively, await.")
     assert counts["wait"] == 2 and counts["hmm"] == 1 and counts["alternatively"] == 1
     assert counts["let me check"] == 2 and counts["double-check"] == 1
-    kept = [{"reasoning_chars": 10, "reasoning_words": 2, "reflection": {"wait": 2}},
-            {"reasoning_chars": 30, "reasoning_words": 6, "reflection": {"wait": 0}}]
+    kept = [{"reasoning_chars": 10, "reasoning_words": 2, "reflection": {"wait": 2},
+             "response": "<think>Wait, 3. Wait.</think><answer> Final Answer:3 </answer>"},
+            {"reasoning_chars": 30, "reasoning_words": 6, "reflection": {"wait": 0},
+             "response": "<think>So 4.</think><answer> Final Answer:4 </answer>"}]
     stats = dataset_stats(kept, 4, {"answer_mismatch": 2}, {}, {"m": {"backend": "rule"}}, {})
     assert stats["teacher"] == "rule-based (synthetic tasks only)"
     assert stats["self_reflection"]["wait_total"] == 2
@@ -75,6 +77,19 @@ def test_reflection_markers_and_stats():
     assert stats["keep_rate"] == 0.5 and stats["dropped"] == {"answer_mismatch": 2}
     assert distribution([1, 2, 3, 4])["histogram"]["counts"] == [1, 0, 0, 1, 0, 0, 1, 0, 0, 1]
     assert dataset_stats([], 0, {}, {}, {"m": {"backend": "openai"}}, {})["teacher"] == "models"
+
+
+def test_wait_count_is_the_papers_per_sample_and_in_total():
+    """The paper's self-reflection figure: the word "Wait" in the kept samples' texts
+    (not "await", "waiting" or "wait" in prose), per sample and in total (issue 15, item 4)."""
+    from visionr1_trainer.bridge.stats import wait_count
+
+    assert wait_count("Wait, no. Hmm. Wait... we await; waiting. wait") == 2
+    kept = [{"reasoning_chars": 1, "reasoning_words": 1, "reflection": {}, "response": f"<think>{t}</think>"}
+            for t in ("Wait. Wait. Wait.", "Wait, 2.", "No reflection.", "Wait")]
+    reflection = dataset_stats(kept, 4, {}, {}, {"m": {"backend": "openai"}}, {})["self_reflection"]
+    assert (reflection["wait_total"], reflection["wait_per_sample"]) == (5, 1.25)
+    assert reflection["wait_distribution"]["max"] == 3.0
 
 
 def test_prompts_default_override_and_literal_substitution():

@@ -53,7 +53,7 @@ def test_bridge_with_hf_backend_accounts_for_every_sample(tiny_model, synthetic,
     with pytest.raises(pipeline.NothingKept, match=r"kept 0 of 4 samples") as info:
         pipeline.run(config)
     dropped = ast.literal_eval(str(info.value).split("(dropped ", 1)[1].split(", source rows")[0])
-    assert set(dropped) <= {"no_final_answer", "bad_format", "repetitive", "duplicate"}
+    assert set(dropped) <= {"no_final_answer", "bad_format", "repetitive", "duplicate", "truncated"}
     assert sum(dropped.values()) == 4
     assert not (tmp_path / "out" / "dataset" / "_COMMITTED.json").exists()
     shard = [json.loads(line) for line in

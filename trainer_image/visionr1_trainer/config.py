@@ -134,6 +134,23 @@ class StorageSpec(Schema):
         return self.uri.split("://", 1)[0]
 
 
+class ConversationFields(Schema):
+    """Where a conversation-only data set keeps a question and its answer."""
+
+    field: str = Field(
+        default="conversations", min_length=1, max_length=255,
+        description=(
+            "Column holding the turns: ShareGPT from/value (human/gpt) or role/content "
+            "(user/assistant) objects. The first user turn is the question (image markers "
+            "removed), the last assistant turn the answer."
+        ),
+    )
+    images: str = Field(
+        default="image", min_length=1, max_length=255,
+        description="Column holding the image path(s) (LLaVA-CoT-100k: image; Mulberry-SFT: images).",
+    )
+
+
 class DatasetRef(Schema):
     """A data set: hub name, local path (parquet, jsonl, json) or storage URI."""
 
@@ -166,6 +183,22 @@ class DatasetRef(Schema):
             "Rows with an image above this many pixels (width x height, read from the "
             "header) are skipped and counted as oversized_image, as are decompression "
             "bombs; the model's processor resizes far below this anyway."
+        ),
+    )
+    image_roots: list[SourceNoCredentials] = Field(
+        default_factory=list,
+        max_length=16,
+        description=(
+            "Folders (paths, file://, pvc:// or s3:// URIs) where relative image paths of the "
+            "rows are looked up, after the source's own folder, its data files' folders and the "
+            "zip archives there (Vision-R1-cold: the LLaVA-CoT-100k and Mulberry-SFT images)."
+        ),
+    )
+    conversation: ConversationFields | None = Field(
+        default=None,
+        description=(
+            "Read a conversation-only data set (LLaVA-CoT-100k, Mulberry-SFT) as question, "
+            "answer and images rows: for the bridge and RL readers."
         ),
     )
 
@@ -211,10 +244,23 @@ class GeneratorSpec(Schema):
         default=16, ge=1, le=4096, description="Requests in flight (openai backend)."
     )
     timeout_seconds: float = Field(
-        default=600.0, gt=0, description="Per-request timeout (openai backend)."
+        default=600.0, gt=0,
+        description="openai backend: seconds to wait for the next streamed event (with stream), "
+        "or for the whole answer plus maxTokens / 5 s (without).",
     )
     max_retries: int = Field(
         default=5, ge=0, le=100, description="Retries on 429, 5xx and timeouts, with backoff."
+    )
+    stream: bool = Field(
+        default=True,
+        description="openai backend: stream the answer (server-sent events), so a long chain of "
+        "thought is not cut by a timeout; off for endpoints that cannot stream.",
+    )
+    circuit_breaker_failures: int = Field(
+        default=20, ge=1, le=100_000,
+        description="openai backend: after this many failed attempts in a row (connection "
+        "errors, timeouts, 5xx) the endpoint is taken as down: waiting requests fail at once and "
+        "the stage stops, naming the endpoint; failed requests are asked again on the next run.",
     )
 
     cel_rules = (
@@ -342,8 +388,22 @@ class BridgeSettings(Schema):
     sample_limit: int | None = Field(
         default=None, ge=1, description="Process at most this many source rows."
     )
-    shards: int = Field(
-        default=1, ge=1, le=4096, description="Work units; progress is committed per shard."
+    shards: int | None = Field(
+        default=None, ge=1, le=100_000,
+        description="Work units; progress is committed per shard, so a killed stage redoes at "
+        "most one shard. Unset: as many shards as shardSize gives.",
+    )
+    shard_size: int = Field(
+        default=64, ge=1, le=1_000_000,
+        description="Rows per shard when shards is unset: 64 rows are a few minutes of teacher "
+        "work at the default concurrency, which is what a kill costs.",
+    )
+    max_failure_rate: float = Field(
+        default=0.01, ge=0, le=1,
+        description="Share of rows whose teacher request may fail (endpoint down, 5xx, "
+        "timeouts, after retries) before the stage fails, naming the endpoint and the error. "
+        "Failed rows are committed as pending and asked again on the next run; under the "
+        "bound, those still failing are dropped as generation_failed.",
     )
     seed: int = Field(default=0, ge=0, description="Sampling seed.")
 
@@ -460,10 +520,49 @@ class GRPOSettings(Schema):
     updates_per_batch: int = Field(
         default=1, ge=1, le=64, description="Optimizer passes over each rollout batch (uses old log-probs)."
     )
-    loss_aggregation: Literal["sequence_mean", "token_mean"] = Field(
+    loss_aggregation: Literal["sequence_mean", "token_mean", "dr_grpo"] = Field(
         default="sequence_mean",
         description="sequence_mean: mean over each completion, then over completions (GRPO "
-        "paper); token_mean: mean over all completion tokens.",
+        "paper); token_mean: mean over all completion tokens; dr_grpo: the sum over all "
+        "completion tokens divided by completions x maxCompletionLength (Dr. GRPO, arXiv 2503.20783).",
+    )
+    advantage_scale: Literal["std", "none"] = Field(
+        default="std",
+        description="std: advantages (r - group mean) / (group std + 1e-4) (GRPO paper); none: "
+        "r - group mean, without the std division (Dr. GRPO, arXiv 2503.20783; TRL's "
+        "scale_rewards: none, verl's norm_adv_by_std_in_grpo: false).",
+    )
+    importance_sampling: Literal["token", "sequence"] = Field(
+        default="token",
+        description="token: one importance ratio per token (GRPO paper); sequence: one per "
+        "completion, exp(mean of its token log-ratios), clipped per completion (GSPO, arXiv "
+        "2507.18071; TRL's importance_sampling_level: sequence).",
+    )
+    dynamic_sampling: bool = Field(
+        default=False,
+        description="Drop groups whose rewards are all equal (no signal) and refill the batch with "
+        "fresh prompts, up to dynamicSamplingMaxRounds extra rollouts per step (DAPO, arXiv 2503.14476).",
+    )
+    dynamic_sampling_max_rounds: int = Field(
+        default=3, ge=1, le=64,
+        description="With dynamicSampling: the most extra rollout rounds per step, each of as many "
+        "fresh prompts as groups are still missing; a step that runs out trains on the groups it kept.",
+    )
+    overlong: Literal["none", "mask", "softPenalty"] = Field(
+        default="none",
+        description="Completions that reach maxCompletionLength: none: trained on as they are "
+        "(GRPO paper); mask: truncated ones (no end of turn) are left out of the loss (TRL's "
+        "mask_truncated_completions); softPenalty: DAPO's soft overlong punishment, a reward "
+        "falling linearly from 0 to -overlongPenaltyFactor over the last overlongBuffer tokens.",
+    )
+    overlong_buffer: int = Field(
+        default=0, ge=0, le=131072,
+        description="With overlong: softPenalty, the buffer length L_cache in tokens (DAPO: 4096 of "
+        "20480); at least 1 and at most each PTST stage's maxCompletionLength.",
+    )
+    overlong_penalty_factor: float = Field(
+        default=1.0, gt=0, le=10,
+        description="With overlong: softPenalty, the penalty at maxCompletionLength (DAPO: 1).",
     )
     reward: Literal["hfrrf"] = Field(
         default="hfrrf",
@@ -510,6 +609,12 @@ class GRPOSettings(Schema):
             "miniBatchSize must not be above rolloutBatchSize",
             ".miniBatchSize",
         ),
+        CelRule(
+            "!has(self.overlong) || self.overlong != 'softPenalty' || "
+            "(has(self.overlongBuffer) && self.overlongBuffer >= 1)",
+            "overlong: softPenalty needs overlongBuffer of at least 1 token",
+            ".overlongBuffer",
+        ),
     )
 
     def rank_split_problems(self, world_size: int) -> list[tuple[str, str]]:
@@ -531,7 +636,15 @@ class GRPOSettings(Schema):
                 "miniBatchSize",
                 f"{self.mini_batch_size} is above rolloutBatchSize ({self.rollout_batch_size})",
             )])
+        if self.overlong == "softPenalty" and self.overlong_buffer < 1:
+            raise_problems([("overlongBuffer", "overlong: softPenalty needs overlongBuffer of at least 1 token")])
         return self
+
+    def length_problems(self, max_completion_length: int) -> list[tuple[str, str]]:
+        """Settings that do not fit a PTST stage's completion budget."""
+        if self.overlong == "softPenalty" and self.overlong_buffer > max_completion_length:
+            return [("overlongBuffer", f"{self.overlong_buffer} is above maxCompletionLength ({max_completion_length})")]
+        return []
 
 
 class JudgeSpec(Schema):
@@ -555,6 +668,14 @@ class BenchmarkSpec(Schema):
     )
     format: BenchmarkFormat = Field(description="Field layout and scoring rules to apply.")
     data: DatasetRef = Field(description="Where the benchmark rows are.")
+    predictions_only: bool = Field(
+        default=False,
+        description=(
+            "Sample and extract answers without scoring (a split whose answers are withheld, "
+            "such as MathVista test): the results hold the predictions file in the "
+            "benchmark's submission format, and rows without an answer are kept."
+        ),
+    )
 
 
 class EvalSettings(Schema):
@@ -578,6 +699,16 @@ class EvalSettings(Schema):
     include_baselines: bool = Field(
         default=False,
         description="Also score the base model, the SFT model and every PTST stage, side by side.",
+    )
+    format_instruction_for: list[str] = Field(
+        default_factory=list,
+        max_length=32,
+        description=(
+            "Model labels (from models, e.g. base) whose prompts end with the output-format "
+            "instruction the trained models learned (<think>..</think><answer> Final Answer: "
+            "X </answer>), so rule-based extraction does not under-score a baseline; empty "
+            "(the default) prompts every model with the benchmark's own text."
+        ),
     )
 
 
@@ -645,6 +776,11 @@ class GRPOStageConfig(StageContext):
     data: DatasetRef = Field(description="The RL set (geometry3k format).")
     ptst: PTSTStage = Field(description="This stage's length budget and group size.")
     grpo: GRPOSettings = Field(description="Shared GRPO settings.")
+
+    @model_validator(mode="after")
+    def _fits_the_budget(self) -> GRPOStageConfig:
+        raise_problems([(f"grpo.{f}", m) for f, m in self.grpo.length_problems(self.ptst.max_completion_length)])
+        return self
 
 
 class EvalStageConfig(StageContext):

@@ -23,7 +23,7 @@ from ..data.formats import format_response
 
 # Drop reasons, in the order the filters run (the statistics use these names).
 DROP_REASONS = (
-    "duplicate", "generation_failed", "no_final_answer", "bad_format", "answer_mismatch",
+    "duplicate", "generation_failed", "truncated", "no_final_answer", "bad_format", "answer_mismatch",
     "answer_check_timeout", "too_short", "too_long", "repetitive",
 )
 _SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
@@ -40,7 +40,9 @@ def parse_reasoning(text: str, reasoning_channel: str | None = None) -> Parsed:
 
     The answer is taken from the part after the reasoning: its ``<answer>`` block, last
     ``Final Answer:`` or last ``\\boxed{}`` (``answers.extract_final_answer``); without
-    any of those there is no final answer.
+    any of those there is no final answer. A boxed answer is read whole, however many
+    lines it spans (a matrix, a piecewise function), its line breaks turned into spaces;
+    an unboxed one ends at its first line, where the model's closing remarks begin.
     """
     if reasoning_channel:
         reasoning, rest = reasoning_channel, text
@@ -58,7 +60,11 @@ def parse_reasoning(text: str, reasoning_channel: str | None = None) -> Parsed:
     elif after_final_answer(rest) is None and last_boxed_content(rest) is None:
         return Parsed(reasoning.strip(), None)
     answer = extract_final_answer(rest).strip().lstrip("*:").strip() if rest.strip() else ""
-    answer = answer.splitlines()[0].strip() if answer else ""
+    tail = after_final_answer(rest)
+    if last_boxed_content(rest if tail is None else tail) is not None:
+        answer = " ".join(answer.split())
+    else:
+        answer = answer.splitlines()[0].strip() if answer else ""
     return Parsed(reasoning.strip(), answer or None)
 
 

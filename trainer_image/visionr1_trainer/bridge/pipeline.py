@@ -17,8 +17,21 @@
 
 Every unit of work is an artifact that becomes visible only when complete, and the
 shards partition the rows, so a stage killed at any point and started again redoes at
-most the shard it was in: no sample is lost and none appears twice. All multimodal work
-runs before any reasoning work, so two vLLM engines never hold the GPUs at once.
+most the shard it was in: no sample is lost and none appears twice. Shards are small by
+default (``shardSize`` 64 rows) so that a kill costs minutes of teacher work. All
+multimodal work runs before any reasoning work, so two vLLM engines never hold the GPUs
+at once.
+
+A teacher that fails (endpoint down, 5xx, timeouts after the backend's retries) does not
+empty the data set: such rows are committed as pending (``retryable``) and asked again on
+the next run, and a phase in which more than ``maxFailureRate`` of the rows failed ends
+the stage with ``TeacherFailed``, naming the endpoint and the errors. A backend whose
+circuit breaker opened stops the stage at once. Failures of the request itself (refused
+as malformed, too long) and chains of thought cut at the token budget (step 3's
+``finish_reason`` ``length``: dropped as ``truncated``) are final.
+
+Text-only rows (no image) skip steps 1 and 2: the reasoning model gets the question
+alone (``prompts.TEXT_ONLY_REASONING``), and the sample is a text-only cold-start row.
 """
 
 from __future__ import annotations
@@ -52,6 +65,11 @@ ROWS = "rows.jsonl"
 class NothingKept(RuntimeError):
     """The stage would commit an empty data set, or a shard got no answer at all: it fails,
     saying why, instead of succeeding (and being frozen) with nothing for SFT to train on."""
+
+
+class TeacherFailed(NothingKept):
+    """Too many of a phase's requests failed, or the backend's circuit breaker opened: the
+    stage fails naming the teacher; the failed rows stay pending for the next run."""
 
 
 def describe_name(shard: int) -> str:
@@ -99,8 +117,11 @@ def dedupe(items: Sequence[BridgeExample]) -> tuple[list[BridgeExample], int]:
     return out, len(items) - len(out)
 
 
-def shard_plan(ids: Sequence[str], shards: int) -> list[list[str]]:
-    """Contiguous, nearly equal shards of ``ids`` (empty shards dropped)."""
+def shard_plan(ids: Sequence[str], shards: int | None, shard_size: int = 64) -> list[list[str]]:
+    """Contiguous, nearly equal shards of ``ids`` (empty shards dropped): ``shards`` of them,
+    or (unset) as many as ``shard_size`` rows each gives."""
+    if shards is None:
+        shards = max(1, -(-len(ids) // shard_size))
     size = -(-len(ids) // shards) if ids else 1
     return [list(ids[i:i + size]) for i in range(0, len(ids), size)]
 
@@ -123,46 +144,78 @@ def load_or_save_plan(store, plan: list[list[str]]) -> list[list[str]]:
 
 
 def describe_shard(generator, items: Sequence[BridgeExample], templates: dict[str, str], progress) -> list[dict]:
-    """Steps 1 and 2 (multimodal model) for one shard's rows."""
+    """Steps 1 and 2 (multimodal model) for one shard's rows; text-only rows skip both."""
+    visual = [it for it in items if it.image_paths]
     first = generator.generate([
         Request(f"{it.id}/pseudo_cot", "pseudo_cot",
                 prompts.render(templates["pseudo_cot"], question=it.question, answer=it.answer),
                 tuple(it.image_paths), it.meta)
-        for it in items], progress)
-    ok = [(it, c) for it, c in zip(items, first) if c.text is not None]
+        for it in visual], progress)
+    ok = [(it, c) for it, c in zip(visual, first) if usable(c)]
     second = generator.generate([
         Request(f"{it.id}/description", "description",
                 prompts.render(templates["description"], question=it.question, pseudo_cot=c.text),
                 tuple(it.image_paths), it.meta)
         for it, c in ok], progress)
     described = {it.id: (c.text, d) for (it, c), d in zip(ok, second)}
+    firsts = {it.id: c for it, c in zip(visual, first)}
     rows = []
-    for it, c in zip(items, first):
-        pseudo_cot, desc = described.get(it.id, (None, c))
-        rows.append({"id": it.id, "pseudo_cot": pseudo_cot, "description": desc.text,
-                     "error": desc.error})
+    for it in items:
+        if not it.image_paths:
+            rows.append({"id": it.id, "pseudo_cot": None, "description": None, "text_only": True,
+                         "error": None, "retryable": False})
+            continue
+        pseudo_cot, desc = described.get(it.id, (None, firsts[it.id]))
+        failed = desc if not usable(desc) else None
+        rows.append({"id": it.id, "pseudo_cot": pseudo_cot, "description": None if failed else desc.text,
+                     "error": failure_kind(failed) if failed else None,
+                     "retryable": bool(failed and failed.retryable)})
     return rows
+
+
+def usable(c: Completion) -> bool:
+    """A step 1-2 completion to go on with. One cut at the budget is still used: it is only
+    the reasoning model's input, and the kept chain of thought (step 3) is checked."""
+    return c.text is not None
+
+
+def failure_kind(c: Completion) -> str:
+    return c.error or "unknown"
 
 
 def reason_shard(generator, items: Sequence[BridgeExample], described: dict[str, dict],
                  templates: dict[str, str], filters, progress) -> list[dict]:
     """Step 3 (text reasoning model), parsing and filtering for one shard's rows."""
-    todo = [it for it in items if described[it.id]["description"] is not None]
+    todo = [it for it in items if described[it.id]["description"] is not None or described[it.id].get("text_only")]
     outputs = generator.generate([
-        Request(f"{it.id}/reasoning", "reasoning",
-                prompts.render(templates["reasoning"], description=described[it.id]["description"],
-                               question=it.question),
-                (), it.meta)
+        Request(f"{it.id}/reasoning", "reasoning", reasoning_prompt(it, described[it.id], templates), (), it.meta)
         for it in todo], progress)
     by_id: dict[str, Completion] = {it.id: out for it, out in zip(todo, outputs)}
-    return [verdict(it, by_id.get(it.id), described[it.id].get("error"), filters) for it in items]
+    return [verdict(it, by_id.get(it.id), described[it.id], filters) for it in items]
 
 
-def verdict(item: BridgeExample, output: Completion | None, earlier_error: str | None, filters) -> dict:
-    """One sample's outcome: kept with its target text, or the reason it was dropped."""
-    if output is None or output.text is None:
-        error = earlier_error if output is None else output.error
-        return {"id": item.id, "status": "generation_failed", "error": error or "unknown"}
+def reasoning_prompt(item: BridgeExample, described: dict, templates: dict[str, str]) -> str:
+    if described.get("text_only"):
+        return prompts.render(prompts.TEXT_ONLY_REASONING, question=item.question)
+    return prompts.render(templates["reasoning"], description=described["description"], question=item.question)
+
+
+def verdict(item: BridgeExample, output: Completion | None, described: dict, filters) -> dict:
+    """One sample's outcome: kept with its target text, or the reason it was dropped.
+
+    A failed generation keeps ``retryable`` (and ``failed_in``, the phase whose teacher
+    failed), so the next run asks again; a truncated one is dropped for good.
+    """
+    if output is None:
+        return {"id": item.id, "status": "generation_failed", "error": described.get("error") or "unknown",
+                "failed_in": "multimodal",
+                "retryable": bool(described.get("retryable"))}
+    if output.text is None:
+        return {"id": item.id, "status": "generation_failed", "error": output.error or "unknown",
+                "failed_in": "reasoning", "retryable": output.retryable}
+    if output.truncated:  # cut mid-thought: its last \boxed{} is not its conclusion
+        return {"id": item.id, "status": "truncated", "error": "truncated", "failed_in": "reasoning",
+                "retryable": False}
     parsed = parse_reasoning(output.text, output.reasoning)
     reason = filter_reason(parsed, item.answer, filters)
     row = {"id": item.id, "status": reason or "kept", "final_answer": parsed.answer,
@@ -171,6 +224,11 @@ def verdict(item: BridgeExample, output: Completion | None, earlier_error: str |
         row["response"] = build_sample(parsed)
         row["reflection"] = reflection_counts(parsed.reasoning)
     return row
+
+
+def pending(row: dict | None) -> bool:
+    """Whether a row still needs its phase's work: never done, or failed for the teacher."""
+    return row is None or bool(row.get("retryable"))
 
 
 # --- the stage -----------------------------------------------------------------------------
@@ -188,7 +246,7 @@ def bridge_stage(config: BridgeStageConfig, work: Path, metrics: StageMetrics) -
         raise NothingKept(f"{config.source.source}: no usable rows (read {source.rows_read}, "
                           f"skipped {dict(sorted(source.skipped.items()))}); nothing to bridge")
     items, duplicates = dedupe(source.items) if settings.filters.dedupe else (source.items, 0)
-    plan = load_or_save_plan(store, shard_plan([it.id for it in items], settings.shards))
+    plan = load_or_save_plan(store, shard_plan([it.id for it in items], settings.shards, settings.shard_size))
     by_id = {it.id: it for it in items}
     metrics.set(samples_total=len(items), shards_total=len(plan))
     metrics.event("start", samples=len(items), shards=len(plan), duplicates=duplicates,
@@ -199,13 +257,17 @@ def bridge_stage(config: BridgeStageConfig, work: Path, metrics: StageMetrics) -
 
 
 def run_phase(config, store, plan, by_id, role: str, templates, work: Path, metrics: StageMetrics) -> None:
-    """Phase 1 (``multimodal``: steps 1-2) or 2 (``reasoning``: step 3) over unfinished shards."""
+    """Phase 1 (``multimodal``: steps 1-2) or 2 (``reasoning``: step 3) over the rows not done.
+
+    A shard is done when committed with no pending rows; a committed shard with pending
+    rows (its teacher failed there) has only those asked again, and is committed anew.
+    """
     from tqdm import tqdm
 
-    def done(k: int) -> bool:
-        return store.is_committed(reason_name(k)) or (role == "multimodal" and store.is_committed(describe_name(k)))
-
-    todo = [k for k in range(len(plan)) if not done(k)]
+    name = describe_name if role == "multimodal" else reason_name
+    previous = {k: committed_rows(store, name(k)) for k in range(len(plan))}
+    todo = {k: [i for i in plan[k] if pending(previous[k].get(i))] for k in range(len(plan))}
+    todo = {k: ids for k, ids in todo.items() if ids}
     if not todo:
         return
     spec = config.bridge.multimodal_model if role == "multimodal" else config.bridge.reasoning_model
@@ -213,41 +275,82 @@ def run_phase(config, store, plan, by_id, role: str, templates, work: Path, metr
     # Metric steps count finished work units: phase 1 shards, then phase 2 shards.
     progress = PhaseProgress(role, len(plan) - len(todo), 0 if role == "multimodal" else len(plan),
                              done_verdicts(store, plan) if role == "reasoning" else None)
-    bar = tqdm(total=(2 if role == "multimodal" else 1) * sum(len(plan[k]) for k in todo),
+    bar = tqdm(total=(2 if role == "multimodal" else 1) * sum(len(ids) for ids in todo.values()),
                desc=f"bridge {role}", unit="req", mininterval=10, disable=None)
     try:
-        for k in todo:
+        for k, ids in todo.items():
             if stop_requested():
                 raise StageStopped({"stopped_at": f"{role} shard {k}"})
             started = time.monotonic()
-            items = [by_id[i] for i in plan[k]]
+            items = [by_id[i] for i in ids]
             if role == "multimodal":
-                rows = describe_shard(generator, items, templates, bar.update)
-                check_not_all_failed(rows, role, k)
-                commit_rows(store, describe_name(k), rows, work)
+                fresh = describe_shard(generator, items, templates, bar.update)
             else:
-                described = {r["id"]: r for r in read_rows(store, describe_name(k))}
-                rows = reason_shard(generator, items, described, templates, config.bridge.filters, bar.update)
-                check_not_all_failed(rows, role, k)
-                commit_rows(store, reason_name(k), rows, work)
-            progress.shard_done(metrics, rows, time.monotonic() - started)
-            log.info("%s shard %d/%d: %d rows", role, k + 1, len(plan), len(rows))
+                described = committed_rows(store, describe_name(k))
+                fresh = reason_shard(generator, items, described, templates, config.bridge.filters, bar.update)
+            check_not_all_failed(fresh, role, k, spec)
+            merged = {**previous[k], **{r["id"]: r for r in fresh}}
+            rows = [merged[i] for i in plan[k]]
+            commit_rows(store, name(k), rows, work)  # the successes are kept even if we stop now
+            progress.shard_done(metrics, fresh, [previous[k][r["id"]] for r in fresh if r["id"] in previous[k]],
+                                time.monotonic() - started)
+            previous[k] = merged
+            log.info("%s shard %d/%d: %d rows asked", role, k + 1, len(plan), len(fresh))
+            if generator.outage():
+                raise TeacherFailed(f"the {role} teacher {teacher_name(spec)} is down ({generator.outage()}); "
+                                    f"{role} shard {k} was committed with its failed rows pending, which "
+                                    "the next run asks again")
     finally:
         bar.close()
         metrics.event("generator", role=role, **generator.describe())
         generator.close()
+    check_failure_rate([r for k in range(len(plan)) for r in previous[k].values()], role, spec,
+                       config.bridge.max_failure_rate)
 
 
-def check_not_all_failed(rows: list[dict], role: str, shard: int) -> None:
+def committed_rows(store, name: str) -> dict[str, dict]:
+    return {r["id"]: r for r in read_rows(store, name)} if store.is_committed(name) else {}
+
+
+def teacher_name(spec) -> str:
+    """The teacher as a reader finds it: the endpoint (redacted) and model, or backend and model."""
+    from ..redact import redact
+
+    if spec.backend == "openai":
+        return f"{redact(spec.endpoint)} (model {spec.model})"
+    return f"{spec.backend}:{spec.model}" if spec.model else spec.backend
+
+
+def phase_failures(rows: list[dict], role: str) -> list[str]:
+    """The errors of the rows whose ``role`` teacher failed (pending for the next run)."""
+    if role == "multimodal":
+        return [r.get("error") or "unknown" for r in rows if r.get("retryable")]
+    return [r.get("error") or "unknown" for r in rows if r.get("retryable") and r.get("failed_in") == "reasoning"]
+
+
+def check_failure_rate(rows: list[dict], role: str, spec, bound: float) -> None:
+    """Raise ``TeacherFailed`` when more than ``bound`` of a phase's rows failed at the teacher."""
+    errors = phase_failures(rows, role)
+    if rows and len(errors) / len(rows) > bound:
+        counts = dict(collections.Counter(errors).most_common(5))
+        raise TeacherFailed(
+            f"{len(errors)} of {len(rows)} {role} requests to {teacher_name(spec)} failed ({counts}), above "
+            f"maxFailureRate {bound}; the rows are committed as pending and the next run asks again")
+
+
+def check_not_all_failed(rows: list[dict], role: str, shard: int, spec=None) -> None:
     """Raise ``NothingKept`` when every request of a shard failed (an endpoint that is down,
     a wrong key): the shard is not committed, so a retry of the stage asks again."""
     if role == "multimodal":
+        rows = [r for r in rows if not r.get("text_only")]
         errors = [r.get("error") for r in rows if r["description"] is None]
-    else:
+    else:  # the rows the reasoning model was asked for
+        rows = [r for r in rows if r.get("failed_in") != "multimodal"]
         errors = [r.get("error") for r in rows if r["status"] == "generation_failed"]
     if rows and len(errors) == len(rows):
         counts = dict(collections.Counter(e or "unknown" for e in errors).most_common())
-        raise NothingKept(f"every {role} request of shard {shard} failed ({counts}); the shard is "
+        who = f" to {teacher_name(spec)}" if spec is not None else ""
+        raise NothingKept(f"every {role} request{who} of shard {shard} failed ({counts}); the shard is "
                           "not committed, so a retry asks again")
 
 
@@ -266,11 +369,13 @@ class PhaseProgress:
     def __init__(self, role: str, shards_done: int, step_offset: int, verdicts: collections.Counter | None):
         self.role, self.shards_done, self.step_offset, self.verdicts = role, shards_done, step_offset, verdicts
 
-    def shard_done(self, metrics: StageMetrics, rows: list[dict], seconds: float) -> None:
+    def shard_done(self, metrics: StageMetrics, rows: list[dict], replaced: list[dict], seconds: float) -> None:
+        """``rows`` were just made; ``replaced`` are the earlier rows they take the place of."""
         self.shards_done += 1
         values: dict[str, float] = {"samples_per_second": len(rows) / max(seconds, 1e-9),
                                     f"{self.role}_shards_done": self.shards_done}
         if self.verdicts is not None:
+            self.verdicts.subtract(r["status"] for r in replaced)
             self.verdicts.update(r["status"] for r in rows)
             values["kept"] = self.verdicts.get("kept", 0)
             values["samples_done"] = sum(self.verdicts.values())
@@ -362,6 +467,8 @@ def summary(stats: dict[str, Any], uri: str) -> dict[str, Any]:
         "dropped": stats["dropped"],
         "teacher": stats["teacher"],
         "reflectionPerSample": stats["self_reflection"]["per_sample_mean"],
+        "waitTotal": stats["self_reflection"].get("wait_total"),
+        "waitPerSample": stats["self_reflection"].get("wait_per_sample"),
         "reasoningCharsMean": stats["reasoning_chars"].get("mean"),
         "artifactUri": uri,
     }

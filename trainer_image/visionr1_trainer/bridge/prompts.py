@@ -42,6 +42,10 @@ REASONING = (
     "Please reason step by step, and put your final answer within \\boxed{}."
 )
 
+# A text-only row has no image to bridge: the reasoning model gets the question alone,
+# in DeepSeek-R1's recommended form for math problems.
+TEXT_ONLY_REASONING = "{question}\n\nPlease reason step by step, and put your final answer within \\boxed{}."
+
 DEFAULTS = {"pseudo_cot": PSEUDO_COT, "description": DESCRIPTION, "reasoning": REASONING}
 # The placeholders each step's template must use; the step cannot work without them.
 REQUIRED = {

@@ -2,7 +2,10 @@
 
 Besides the counts, the paper's measure of CoT quality: self-reflection markers per
 sample ("Wait" appears 585K times in Vision-R1-cold's 200K samples, 2.3K times in
-LLaVA-CoT), and the distribution of reasoning lengths.
+LLaVA-CoT), and the distribution of reasoning lengths. ``self_reflection.wait_total`` and
+``wait_per_sample`` are the paper's figure for this data set: occurrences of the word
+"Wait" in the kept samples' target texts (what SFT trains on), in total and per sample;
+``by_marker`` counts a wider set of markers, case-insensitively, in the reasoning.
 """
 
 from __future__ import annotations
@@ -20,6 +23,15 @@ REFLECTION_MARKERS: dict[str, re.Pattern] = {
     "re-examine": re.compile(r"\bre-?examine\b|\blet me think again\b|\blet me reconsider\b", re.IGNORECASE),
     "alternatively": re.compile(r"\balternatively\b", re.IGNORECASE),
 }
+
+
+# The paper's count: the word "Wait" as R1 writes it (capitalised), not "await" or "waiting".
+PAPER_WAIT = re.compile(r"\bWait\b")
+
+
+def wait_count(text: str) -> int:
+    """Occurrences of "Wait" in ``text``: the self-reflection count of the paper (Sec. 3.1)."""
+    return len(PAPER_WAIT.findall(text))
 
 
 def reflection_counts(text: str) -> dict[str, int]:
@@ -59,10 +71,11 @@ def dataset_stats(
     """The ``stats.json`` written inside the ``dataset`` artifact.
 
     ``kept`` are the kept samples' records (``reasoning_chars``, ``reasoning_words``,
-    ``reflection``); ``dropped`` counts drops by reason.
+    ``reflection``, ``response``: the target text); ``dropped`` counts drops by reason.
     """
     kept = list(kept)
     per_sample = [sum(k["reflection"].values()) for k in kept]
+    waits = [wait_count(k.get("response", "")) for k in kept]
     by_marker = {name: sum(k["reflection"].get(name, 0) for k in kept) for name in REFLECTION_MARKERS}
     rule = any(g.get("backend") == "rule" for g in generators.values())
     return {
@@ -80,7 +93,9 @@ def dataset_stats(
             "markers_total": sum(per_sample),
             "per_sample_mean": round(sum(per_sample) / len(kept), 3) if kept else 0.0,
             "samples_with_any": sum(1 for n in per_sample if n),
-            "wait_total": by_marker["wait"],
+            "wait_total": sum(waits),
+            "wait_per_sample": round(sum(waits) / len(kept), 3) if kept else 0.0,
+            "wait_distribution": distribution(waits),
             "by_marker": by_marker,
         },
         "settings": settings,

@@ -2,8 +2,13 @@
 
 A ``Generator`` turns a list of ``Request``s (a prompt, optional images, the row's
 extra fields) into one ``Completion`` each, in order. A failed request comes back as a
-``Completion`` with ``error`` set (counted as a drop), never as an exception, so one bad
-row cannot stop a shard. Backends are chosen by name from ``GENERATORS``:
+``Completion`` with ``error`` set, never as an exception, so one bad row cannot stop a
+shard. ``retryable`` says whether the failure lies with the teacher (an endpoint down,
+overloaded or refusing our key: the pipeline asks again on the next run and fails the
+stage when too many fail) or with the request itself (too long, refused as malformed:
+counted as a drop for good). ``finish_reason`` is the API's (``stop``, ``length``...):
+a ``length`` completion was cut at the token budget and is never kept. Backends are
+chosen by name from ``GENERATORS``:
 
 * ``vllm``: offline engine on the stage's GPUs (tensor parallel);
 * ``openai``: any OpenAI-compatible endpoint, bounded concurrency, retries with backoff;
@@ -42,11 +47,19 @@ class Request:
 @dataclass(frozen=True)
 class Completion:
     """A generated text; ``reasoning`` is a separate reasoning channel when the API has one
-    (DeepSeek's ``reasoning_content``). ``text`` is None exactly when ``error`` is set."""
+    (DeepSeek's ``reasoning_content``). ``text`` is None exactly when ``error`` is set.
+    ``finish_reason`` is ``length`` when the budget cut the generation (None: unknown);
+    ``retryable`` marks a failure of the teacher rather than of the request."""
 
     text: str | None
     reasoning: str | None = None
     error: str | None = None
+    finish_reason: str | None = None
+    retryable: bool = False
+
+    @property
+    def truncated(self) -> bool:
+        return self.finish_reason == "length"
 
 
 @dataclass(frozen=True)
@@ -78,6 +91,10 @@ class Generator(ABC):
     def describe(self) -> dict[str, Any]:
         """What generated the data, for the data set's statistics."""
         return {"backend": self.kind}
+
+    def outage(self) -> str | None:
+        """Why the teacher is to be considered down (its circuit breaker opened), else None."""
+        return None
 
     def close(self) -> None:
         """Free the model/engine (a vLLM engine holds its GPUs until then)."""

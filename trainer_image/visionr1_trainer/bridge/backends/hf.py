@@ -68,9 +68,10 @@ class HFGenerator(Generator):
                 pad_token_id=self.tokenizer.pad_token_id,
             )
         prompt_len = enc.input_ids.shape[1]  # left-padded: completions start here
-        texts = self.tokenizer.batch_decode(ids[:, prompt_len:], skip_special_tokens=True)
-        for index, text in zip(enc.kept, texts):
-            results[index] = Completion(text)
+        new = ids[:, prompt_len:]
+        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        for index, text, finish in zip(enc.kept, texts, finish_reasons(new, self.spec.max_tokens, stop_ids(self))):
+            results[index] = Completion(text, finish_reason=finish)
         return results
 
     def describe(self) -> dict[str, Any]:
@@ -86,6 +87,25 @@ class HFGenerator(Generator):
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def stop_ids(gen) -> set[int]:
+    """Token ids that end a generation: the generation config's EOS ids and the tokenizer's."""
+    eos = getattr(getattr(gen.model, "generation_config", None), "eos_token_id", None)
+    ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    if gen.tokenizer.eos_token_id is not None:
+        ids.add(gen.tokenizer.eos_token_id)
+    return ids
+
+
+def finish_reasons(new_tokens, max_tokens: int, stops: set[int]) -> list[str]:
+    """Per row of ``new_tokens`` (B, N): ``stop`` if it holds a stop token, else ``length``
+    when it used the whole budget (cut mid-generation), else ``stop``."""
+    out = []
+    for row in new_tokens.tolist():
+        ended = any(t in stops for t in row)
+        out.append("length" if not ended and len(row) >= max_tokens else "stop")
+    return out
 
 
 def _load(source: str, device: str):

@@ -18,6 +18,22 @@ the images travel unencrypted.
 
 Reasoning models served with a reasoning parser return the chain of thought apart from
 the answer (``reasoning_content`` or ``reasoning``); it is kept as ``Completion.reasoning``.
+
+Long answers: with ``stream`` (the default) the answer arrives as server-sent events and
+``timeoutSeconds`` bounds the wait for each event, not the whole answer, so a 16K-token
+chain of thought from a busy server is not cut off and asked for again (which would bias
+the data set against long reasoning). Without streaming, the read timeout is sized from
+the token budget: ``timeoutSeconds + maxTokens / MIN_DECODE_TOKENS_PER_SECOND``.
+``finish_reason`` is passed on: a ``length`` answer is dropped by the pipeline.
+
+Outages: after ``circuitBreakerFailures`` failed attempts in a row (connection errors,
+timeouts, 5xx, bad answers, a refused key) with no answer between, the circuit opens:
+every request still waiting fails at once as ``openai_circuit_open`` instead of
+hammering the endpoint, and ``outage()`` tells the pipeline, which stops the stage
+naming the endpoint and the error. A 429 is a live server asking us to slow down: it
+neither opens nor closes the circuit. Failures of the endpoint are ``retryable``
+(asked again on the next run); answers that refuse the request itself (400, 413, 422)
+are not.
 """
 
 from __future__ import annotations
@@ -45,6 +61,11 @@ log = logging.getLogger(__name__)
 BACKOFF_BASE_SECONDS = 1.0  # first retry waits about this long, then doubles
 BACKOFF_CAP_SECONDS = 60.0
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+# The request itself is at fault: asking again on the next run cannot help.
+REQUEST_REFUSED_STATUS = frozenset({400, 413, 422})
+# Without streaming the whole answer must arrive within one read: assume a server decodes
+# at least this many tokens per second for one request (a loaded R1 server does ~10-30).
+MIN_DECODE_TOKENS_PER_SECOND = 5.0
 
 
 class Retryable(Exception):
@@ -66,6 +87,7 @@ class OpenAIGenerator(Generator):
         self._rng = random.Random(ctx.seed)
         self._lock = threading.Lock()
         self.counters: collections.Counter = collections.Counter()  # retries and failures by kind
+        self.breaker = CircuitBreaker(spec.circuit_breaker_failures)
 
     def generate(self, requests: Sequence[Request], progress: Progress = None) -> list[Completion]:
         def one(request: Request) -> Completion:
@@ -81,27 +103,51 @@ class OpenAIGenerator(Generator):
         body = json.dumps(self._payload(request)).encode()
         attempt = 0
         while True:
+            if self.breaker.is_open:
+                self._count("circuit_open")
+                return Completion(None, error="openai_circuit_open", retryable=True)
             try:
-                return self._post(body)
+                completion = self._post(body)
             except _Fatal as exc:
                 self._count(exc.kind)
-                return Completion(None, error=f"openai_{exc.kind}")
+                refused = exc.kind in {f"http_{s}" for s in REQUEST_REFUSED_STATUS}
+                self.breaker.record(exc.kind, alive=refused)
+                return Completion(None, error=f"openai_{exc.kind}", retryable=not refused)
             except Retryable as exc:
                 self._count(exc.kind)
+                self.breaker.record(exc.kind, alive=None if exc.kind == "http_429" else False)
                 if attempt >= self.spec.max_retries:
                     self._count("gave_up")
-                    return Completion(None, error=f"openai_{exc.kind}")
+                    return Completion(None, error=f"openai_{exc.kind}", retryable=True)
                 time.sleep(self._backoff(attempt, exc.retry_after))
                 attempt += 1
+                continue
+            self.breaker.record("ok", alive=True)
+            return completion
+
+    def outage(self) -> str | None:
+        """Why the circuit is open (the endpoint and the last error), or None while it is closed."""
+        cause = self.breaker.cause
+        return f"{redact(self.spec.endpoint)}: {cause}" if cause else None
+
+    def read_timeout(self) -> float:
+        """Seconds one socket read may wait: for the next event when streaming, else for the
+        whole answer (sized from the token budget)."""
+        if self.spec.stream:
+            return self.spec.timeout_seconds
+        return self.spec.timeout_seconds + self.spec.max_tokens / MIN_DECODE_TOKENS_PER_SECOND
 
     def _payload(self, request: Request) -> dict[str, Any]:
-        return {
+        payload = {
             "model": self.spec.model,
             "messages": chat_messages(request.prompt, request.image_paths),
             "max_tokens": self.spec.max_tokens,
             "temperature": self.spec.temperature,
             "top_p": self.spec.top_p,
         }
+        if self.spec.stream:
+            payload["stream"] = True
+        return payload
 
     def _post(self, body: bytes) -> Completion:
         headers = {"Content-Type": "application/json"}
@@ -109,9 +155,11 @@ class OpenAIGenerator(Generator):
             headers["Authorization"] = f"Bearer {self._api_key}"
         req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
         try:
-            with self._opener.open(req, timeout=self.spec.timeout_seconds) as resp:
-                payload = resp.read()
-        except _Fatal:
+            with self._opener.open(req, timeout=self.read_timeout()) as resp:
+                if "text/event-stream" in (resp.headers.get("Content-Type") or ""):
+                    return _parse_stream(resp)
+                payload = resp.read()  # not streamed (stream off, or a server that ignores it)
+        except (_Fatal, Retryable):
             raise
         except urllib.error.HTTPError as exc:
             raise _classify(exc) from None
@@ -138,13 +186,42 @@ class OpenAIGenerator(Generator):
         # The endpoint and model, never the key.
         return {"backend": "openai", "endpoint": self.spec.endpoint, "model": self.spec.model,
                 "max_tokens": self.spec.max_tokens, "temperature": self.spec.temperature,
-                "top_p": self.spec.top_p, "requests_retried_or_failed": dict(self.counters)}
+                "top_p": self.spec.top_p, "stream": self.spec.stream,
+                "requests_retried_or_failed": dict(self.counters)}
 
 
 class _Fatal(Exception):
     def __init__(self, kind: str):
         super().__init__(kind)
         self.kind = kind
+
+
+class CircuitBreaker:
+    """Opens after ``threshold`` failed attempts in a row with no answer between; stays open.
+
+    ``record(kind, alive)``: ``alive`` True for an answer from a working server (resets the
+    count), False for a failure of the endpoint, None for neither (a 429). Thread-safe.
+    Once open it stays open for this generator: the pipeline stops the stage and a later
+    run (a new generator) tries the endpoint again.
+    """
+
+    def __init__(self, threshold: int):
+        self.threshold, self.failures, self.cause = threshold, 0, None
+        self._lock = threading.Lock()
+
+    @property
+    def is_open(self) -> bool:
+        return self.cause is not None
+
+    def record(self, kind: str, alive: bool | None) -> None:
+        with self._lock:
+            if alive:
+                self.failures = 0
+            elif alive is False:
+                self.failures += 1
+                if self.failures >= self.threshold and self.cause is None:
+                    self.cause = f"{self.failures} failed attempts in a row, the last {kind}"
+                    log.error("openai endpoint: circuit open after %s", self.cause)
 
 
 def origin(url: str) -> tuple[str, str, int | None]:
@@ -225,14 +302,51 @@ def _retry_after(value: str | None) -> float | None:
 def _parse(payload: bytes) -> Completion:
     try:
         data = json.loads(payload)
-        message = data["choices"][0]["message"]
+        choice = data["choices"][0]
+        message = choice["message"]
     except (ValueError, KeyError, IndexError, TypeError):
         raise Retryable("bad_response") from None
     text = message.get("content") or ""
     reasoning = message.get("reasoning_content") or message.get("reasoning") or None
+    return _completion(text, reasoning, choice.get("finish_reason"))
+
+
+def _completion(text: str, reasoning: str | None, finish_reason: str | None) -> Completion:
     if not text and not reasoning:
-        return Completion(None, error="openai_empty")
-    return Completion(text, reasoning=reasoning)
+        return Completion(None, error="openai_empty", finish_reason=finish_reason)
+    return Completion(text, reasoning=reasoning, finish_reason=finish_reason)
+
+
+def _parse_stream(resp) -> Completion:
+    """An answer sent as server-sent events (``data: {chunk}`` lines, ``data: [DONE]``).
+
+    The deltas of ``content`` and of the reasoning channel are joined; the last
+    ``finish_reason`` seen is the answer's. A stream that ends before a finish reason or
+    ``[DONE]`` was cut (a dropped connection, a restarted server): retried.
+    """
+    text, reasoning, finish, done = [], [], None, False
+    for raw in resp:  # each read waits at most the socket timeout
+        line = raw.decode("utf-8", errors="replace").strip()
+        if not line.startswith("data:"):
+            continue  # blank separators, ": keep-alive" comments, event names
+        data = line[len("data:"):].strip()
+        if data == "[DONE]":
+            done = True
+            break
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            raise Retryable("bad_response") from None
+        if not isinstance(chunk, dict) or "error" in chunk:
+            raise Retryable("stream_error")
+        for choice in chunk.get("choices") or []:
+            delta = choice.get("delta") or {}
+            text.append(delta.get("content") or "")
+            reasoning.append(delta.get("reasoning_content") or delta.get("reasoning") or "")
+            finish = choice.get("finish_reason") or finish
+    if not done and finish is None:
+        raise Retryable("incomplete_stream")
+    return _completion("".join(text), "".join(reasoning) or None, finish)
 
 
 @register("openai")

@@ -33,9 +33,12 @@ def engine_kwargs(spec, source: str, role: str, seed: int) -> dict[str, Any]:
     return kwargs
 
 
-def split_output(text: str) -> Completion:
-    """A vLLM completion as a ``Completion`` (the reasoning stays inline, parsed later)."""
-    return Completion(text) if text.strip() else Completion(None, error="vllm_empty")
+def split_output(text: str, finish_reason: str | None = None) -> Completion:
+    """A vLLM completion as a ``Completion`` (the reasoning stays inline, parsed later);
+    ``finish_reason`` is vLLM's (``length`` when cut at ``max_tokens``)."""
+    if not text.strip():
+        return Completion(None, error="vllm_empty", finish_reason=finish_reason)
+    return Completion(text, finish_reason=finish_reason)
 
 
 class VLLMGenerator(Generator):
@@ -63,7 +66,8 @@ class VLLMGenerator(Generator):
         outputs = self.llm.chat(conversations, self.params, use_tqdm=False)
         if progress:
             progress(len(requests))
-        return [split_output(o.outputs[0].text) if o.outputs else Completion(None, error="vllm_empty")
+        return [split_output(o.outputs[0].text, getattr(o.outputs[0], "finish_reason", None))
+                if o.outputs else Completion(None, error="vllm_empty")
                 for o in outputs]
 
     def describe(self) -> dict[str, Any]:
