@@ -161,7 +161,7 @@ def test_masking_ignores_padding_values_entirely():
 
 
 def test_unknown_aggregation_names_the_valid_ones():
-    with pytest.raises(ValueError, match="valid: sequence_mean, token_mean"):
+    with pytest.raises(ValueError, match="valid: dr_grpo, sequence_mean, token_mean"):
         policy_loss(torch.zeros(1, 1), torch.zeros(1, 1), None, torch.zeros(1), torch.ones(1, 1),
                     beta=0.0, aggregation="seq")
     with pytest.raises(ValueError, match="ref_logprobs is required"):

@@ -6,7 +6,19 @@ Sources:
   normalised advantages), eq. (4) (the k3 KL estimator, after Schulman's "Approximating
   KL Divergence", 2020).
 - Vision-R1 (arXiv 2503.06749) trains with this objective, epsilon = 0.2, beta = 1e-2.
-- Decoupled clip ranges (epsilon_low / epsilon_high): Yu et al., DAPO, arXiv 2503.14476.
+- Decoupled clip ranges (epsilon_low / epsilon_high), dynamic sampling and the soft
+  overlong penalty: Yu et al., "DAPO: An Open-Source LLM Reinforcement Learning System
+  at Scale", arXiv 2503.14476, eq. (8)-(13).
+- Dr. GRPO (no std division, a constant loss divisor): Liu et al., "Understanding
+  R1-Zero-Like Training: A Critical Perspective", arXiv 2503.20783, sec. 3.2.
+- GSPO (a sequence-level importance ratio): Zheng et al., "Group Sequence Policy
+  Optimization", arXiv 2507.18071, eq. (5)-(7).
+- The group-normalised length penalty: Arora and Zanette, "Training Language Models to
+  Reason Efficiently", arXiv 2502.04463, eq. (5).
+
+Variants are chosen by name from registries (``ADVANTAGE_SCALES``, ``LOSS_AGGREGATIONS``,
+``IMPORTANCE_LEVELS``, ``OVERLONG_MODES``); an unknown name raises a ``ValueError`` that
+lists the valid ones.
 
 Shapes: ``B`` completions in a batch (num_prompts * group_size, each prompt's group
 contiguous), ``T`` completion tokens (padded). ``mask`` is 1 on real completion tokens.
@@ -21,13 +33,32 @@ import torch
 # --- advantages -----------------------------------------------------------------------
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
-    """Group-normalised advantages ``(r - mean(group)) / (std(group) + eps)``.
+def _registry_get(registry: dict, kind: str, name: str):
+    try:
+        return registry[name]
+    except KeyError:
+        raise ValueError(f"unknown {kind} {name!r}; valid: {', '.join(sorted(registry))}") from None
+
+
+# How a group's centred rewards are scaled: name -> fn(centred (P, G), std (P, 1), eps) -> (P, G).
+ADVANTAGE_SCALES: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] = {
+    # GRPO (DeepSeekMath sec. 4.1.2): divide by the group's standard deviation.
+    "std": lambda centred, std, eps: centred / (std + eps),
+    # Dr. GRPO (arXiv 2503.20783, sec. 3.2): no division; the std term up-weights groups
+    # that are nearly all right or all wrong (a question-difficulty bias).
+    "none": lambda centred, std, eps: centred,
+}
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4, scale: str = "std") -> torch.Tensor:
+    """Group-relative advantages: ``(r - mean(group)) / (std(group) + eps)`` for ``scale="std"``
+    (GRPO), ``r - mean(group)`` for ``scale="none"`` (Dr. GRPO, arXiv 2503.20783).
 
     Args:
         rewards: ``(num_prompts * group_size,)``, each prompt's group contiguous.
         group_size: completions per prompt (GRPO's G, the PTST ``numGenerations``).
         eps: added to the standard deviation (keeps the division finite).
+        scale: a name in ``ADVANTAGE_SCALES``.
 
     Returns:
         ``(num_prompts * group_size,)``. The standard deviation is the sample one
@@ -35,6 +66,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) 
         rewards are all equal carries no learning signal and gets exactly zeros (also
         for ``group_size == 1``, where the sample std is undefined).
     """
+    scale_fn = _registry_get(ADVANTAGE_SCALES, "advantage scale", scale)
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be 1-D (num_prompts * group_size,), got shape {tuple(rewards.shape)}")
     if group_size < 1 or rewards.numel() % group_size:
@@ -46,7 +78,90 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) 
     std = grouped.std(dim=1, keepdim=True)
     centred = grouped - mean
     # All-equal groups: centred is exactly 0 there, so the result is 0 without a branch.
-    return (centred / (std + eps)).view(-1)
+    return scale_fn(centred, std, eps).reshape(-1)
+
+
+def dynamic_sampling_keep(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """DAPO's dynamic sampling filter (arXiv 2503.14476, eq. (11)): which groups carry signal.
+
+    A group whose rewards are all equal (all right or all wrong) has zero advantages and
+    adds nothing to the policy gradient but the KL term; DAPO drops it and samples more
+    prompts until the batch is full.
+
+    Args:
+        rewards: ``(num_prompts * group_size,)``, each prompt's group contiguous.
+        group_size: completions per prompt.
+
+    Returns: ``(num_prompts,)`` bool, True where a group's rewards are not all equal
+    (exact comparison with the group's first reward, so 1-completion groups are never kept).
+    """
+    if rewards.dim() != 1 or group_size < 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards of shape {tuple(rewards.shape)} do not split into groups of {group_size}")
+    grouped = rewards.view(-1, group_size)  # (P, G)
+    return (grouped != grouped[:, :1]).any(dim=1)
+
+
+# --- reward shaping ---------------------------------------------------------------------
+
+
+def soft_overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int, factor: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment (arXiv 2503.14476, eq. (13)), added to the reward.
+
+    With ``L_max = max_length`` and ``L_cache = buffer``: 0 for ``|y| <= L_max - L_cache``,
+    ``((L_max - L_cache) - |y|) / L_cache`` inside the buffer (falling linearly from 0 to
+    -1), and -1 beyond ``L_max``; times ``factor`` (verl's ``overlong_penalty_factor``).
+
+    Args:
+        lengths: ``(B,)`` completion lengths in tokens.
+        max_length: the stage's ``maxCompletionLength``.
+        buffer: ``L_cache`` in tokens, ``1 <= buffer <= max_length``.
+
+    Returns: ``(B,)`` float32 penalties in ``[-factor, 0]``.
+    """
+    if not 1 <= buffer <= max_length:
+        raise ValueError(f"buffer must be in [1, {max_length}], got {buffer}")
+    expected = max_length - buffer
+    over = (lengths.float() - expected).clamp(min=0.0)  # tokens into the buffer
+    return -factor * (over / buffer).clamp(max=1.0)
+
+
+def mask_truncated(mask: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor:
+    """TRL's ``mask_truncated_completions`` (after DAPO sec. 3.4): a completion cut off by
+    the length cap (no EOS) is left out of the loss, so the model is not taught that a
+    half-finished answer is good or bad.
+
+    Args: ``mask`` ``(B, T)``, ``truncated`` ``(B,)`` bool. Returns ``(B, T)`` like ``mask``.
+    """
+    return mask * (~truncated.bool()).to(mask.dtype).unsqueeze(1)
+
+
+def group_length_penalty(lengths: torch.Tensor, correct: torch.Tensor, group_size: int, alpha: float) -> torch.Tensor:
+    """Arora and Zanette's length-normalised reward factor (arXiv 2502.04463, eq. (5)).
+
+    For a correct completion ``y`` of a group, the reward ``1`` becomes
+    ``1 - alpha * sigmoid((len(y) - mean_correct) / std_correct)``, with the mean and
+    standard deviation over the *correct* completions of the same group (the population
+    std, as the paper's ``STD``; a group with one correct completion or all correct ones of
+    equal length gets ``sigmoid(0) = 0.5``). Incorrect completions get 1 (no change).
+
+    Args:
+        lengths: ``(num_prompts * group_size,)`` completion lengths.
+        correct: ``(num_prompts * group_size,)`` bool, the answer is right.
+        alpha: the penalty strength, ``0 <= alpha < 1`` (0: no penalty).
+
+    Returns: ``(num_prompts * group_size,)`` multiplicative factors in ``(1 - alpha, 1]``.
+    """
+    if lengths.shape != correct.shape or lengths.dim() != 1 or group_size < 1 or lengths.numel() % group_size:
+        raise ValueError(f"lengths {tuple(lengths.shape)} and correct {tuple(correct.shape)} must be 1-D groups of {group_size}")
+    length = lengths.float().view(-1, group_size)  # (P, G)
+    right = correct.bool().view(-1, group_size).float()
+    count = right.sum(dim=1, keepdim=True).clamp(min=1.0)
+    mean = (length * right).sum(dim=1, keepdim=True) / count
+    std = (((length - mean) ** 2) * right).sum(dim=1, keepdim=True).div(count).sqrt()
+    # A zero std (one correct completion, or equal lengths): the z-score is 0, not 0/0.
+    z = torch.where(std > 0, (length - mean) / std.clamp(min=1e-12), torch.zeros_like(length))
+    factor = 1.0 - alpha * torch.sigmoid(z)
+    return torch.where(right.bool(), factor, torch.ones_like(factor)).view(-1)
 
 
 # --- KL -------------------------------------------------------------------------------
@@ -78,11 +193,7 @@ def register_aggregation(name: str) -> Callable[[Aggregation], Aggregation]:
 
 
 def get_aggregation(name: str) -> Aggregation:
-    try:
-        return LOSS_AGGREGATIONS[name]
-    except KeyError:
-        valid = ", ".join(sorted(LOSS_AGGREGATIONS))
-        raise ValueError(f"unknown loss aggregation {name!r}; valid: {valid}") from None
+    return _registry_get(LOSS_AGGREGATIONS, "loss aggregation", name)
 
 
 @register_aggregation("sequence_mean")
@@ -107,9 +218,53 @@ def token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+@register_aggregation("dr_grpo")
+def dr_grpo_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Dr. GRPO (arXiv 2503.20783, sec. 3.2): the masked sum divided by a constant,
+    ``num_sequences * mask.shape[1]``, so a long completion's tokens weigh what a short
+    one's do (the per-sequence mean favours long wrong answers). ``mask.shape[1]`` is the
+    padded width: the trainer pads the batch to the stage's ``maxCompletionLength``, as
+    TRL divides by ``max_completion_length``. Fully masked rows count in the divisor."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / max(mask.shape[0] * mask.shape[1], 1)
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``values`` over ``mask`` (token-level), 0 for an empty mask. For statistics."""
     return token_mean(values, mask)
+
+
+# --- importance ratios (registry) ----------------------------------------------------------
+
+# name -> fn(log_ratio (B, T), mask (B, T)) -> log importance ratio, (B, T) or (B, 1)
+IMPORTANCE_LEVELS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
+
+
+def register_importance(name: str):
+    def wrap(fn):
+        IMPORTANCE_LEVELS[name] = fn
+        return fn
+    return wrap
+
+
+@register_importance("token")
+def token_log_ratio(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GRPO/PPO: one importance ratio per token, ``(B, T) -> (B, T)``."""
+    return log_ratio
+
+
+@register_importance("sequence")
+def sequence_log_ratio(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GSPO (arXiv 2507.18071, eq. (7)): ``log s_i = mean over i's masked tokens of
+    (logprobs - old_logprobs)``, the length-normalised sequence likelihood ratio;
+    ``(B, T) -> (B, 1)``, broadcast over the sequence's tokens. Divides by each row's
+    count of real tokens; a fully masked row gets 0 (ratio 1, and no token to carry it)."""
+    mask = mask.to(log_ratio.dtype)
+    return ((log_ratio * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)).unsqueeze(1)
+
+
+def get_importance(name: str):
+    return _registry_get(IMPORTANCE_LEVELS, "importance sampling level", name)
 
 
 # --- the loss ---------------------------------------------------------------------------
@@ -125,12 +280,16 @@ def policy_loss(
     epsilon_high: float = 0.2,
     beta: float = 0.01,
     aggregation: str = "sequence_mean",
+    importance: str = "token",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The GRPO clipped surrogate with a k3 KL penalty (DeepSeekMath eq. 3).
 
     Per token: ``ratio = exp(logprobs - old_logprobs)``,
     ``surrogate = min(ratio * A, clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) * A)``,
     ``loss = -(surrogate - beta * kl_k3(logprobs, ref_logprobs))``, then aggregated.
+    With ``importance="sequence"`` (GSPO, arXiv 2507.18071) the ratio is one per
+    sequence, ``exp(mean over its masked tokens of (logprobs - old_logprobs))``, clipped
+    per sequence and broadcast over its tokens; the KL term stays per token.
 
     Args:
         logprobs: ``(B, T)`` log-probs of the sampled tokens under the policy being trained.
@@ -138,7 +297,8 @@ def policy_loss(
         ref_logprobs: ``(B, T)`` the same under the frozen reference; may be None when beta is 0.
         advantages: ``(B,)`` one advantage per completion, broadcast over its tokens.
         mask: ``(B, T)`` 1 on real completion tokens, 0 on padding.
-        aggregation: a name in ``LOSS_AGGREGATIONS`` (sequence_mean, token_mean).
+        aggregation: a name in ``LOSS_AGGREGATIONS`` (sequence_mean, token_mean, dr_grpo).
+        importance: a name in ``IMPORTANCE_LEVELS`` (token, sequence).
 
     Returns:
         ``(loss, stats)``: a scalar loss, and detached scalars ``kl`` (mean k3 over masked
@@ -146,11 +306,13 @@ def policy_loss(
         lower/upper clip bound was the active term), ``clip_frac`` (their sum), ``ratio_mean``.
     """
     aggregate = get_aggregation(aggregation)
+    level = get_importance(importance)
     if beta and ref_logprobs is None:
         raise ValueError("ref_logprobs is required when beta > 0")
     mask = mask.to(logprobs.dtype)
     adv = advantages.to(logprobs.dtype).unsqueeze(1)  # (B, 1) -> broadcast over T
-    log_ratio = (logprobs - old_logprobs).clamp(min=-20.0, max=20.0)  # overflow guard
+    log_ratio = level(logprobs - old_logprobs, mask)  # (B, T), or (B, 1) per sequence
+    log_ratio = log_ratio.clamp(min=-20.0, max=20.0).expand_as(logprobs)  # overflow guard
     ratio = torch.exp(log_ratio)
     clipped = ratio.clamp(1.0 - epsilon_low, 1.0 + epsilon_high)
     surrogate = torch.minimum(ratio * adv, clipped * adv)

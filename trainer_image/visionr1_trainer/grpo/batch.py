@@ -237,6 +237,60 @@ def pad_groups(batch: PolicyBatch, advantages: torch.Tensor, groups: int) -> tup
     return padded, torch.cat([advantages, advantages.new_zeros(groups * size)])
 
 
+def select_groups(batch: PolicyBatch, groups: Sequence[int]) -> PolicyBatch:
+    """The rows of the groups ``groups`` (prompt indexes, in that order), with their images."""
+    size = batch.group_size
+    rows = [g * size + j for g in groups for j in range(size)]
+    idx = torch.tensor(rows, dtype=torch.long)
+    prompts = _index_prompts(batch.prompts, list(groups)) if batch.prompts is not None else None
+    return replace(batch, input_ids=batch.input_ids[idx], attention_mask=batch.attention_mask[idx],
+                   completion_ids=batch.completion_ids[idx], loss_mask=batch.loss_mask[idx],
+                   pixel_rows=[batch.pixel_rows[r] for r in rows], grid_rows=[batch.grid_rows[r] for r in rows],
+                   prompts=prompts)
+
+
+def _pad_columns(t: torch.Tensor, left: int, right: int, value: int) -> torch.Tensor:
+    """``(B, L) -> (B, left + L + right)``, new columns filled with ``value``."""
+    return torch.nn.functional.pad(t, (left, right), value=value)
+
+
+def concat_batches(batches: Sequence[PolicyBatch], pad_token_id: int) -> PolicyBatch:
+    """One batch of the rows of ``batches`` (rollout rounds of one step, same group size).
+
+    Prompt columns are left-padded to the widest prompt and completion columns
+    right-padded to the longest completion (attention and loss mask 0 there), so each
+    row's tokens keep their positions relative to its first real token.
+    """
+    if len(batches) == 1:
+        return batches[0]
+    P = max(b.input_ids.shape[1] - b.completion_len for b in batches)
+    T = max(b.completion_len for b in batches)
+    parts: dict[str, list[torch.Tensor]] = {"ids": [], "attn": [], "comp": [], "loss": []}
+    for b in batches:
+        left, right = P - (b.input_ids.shape[1] - b.completion_len), T - b.completion_len
+        parts["ids"].append(_pad_columns(b.input_ids, left, right, pad_token_id))
+        parts["attn"].append(_pad_columns(b.attention_mask, left, right, 0))
+        parts["comp"].append(_pad_columns(b.completion_ids, 0, right, pad_token_id))
+        parts["loss"].append(_pad_columns(b.loss_mask, 0, right, 0))
+    prompts = [b.prompts for b in batches]
+    merged = None
+    if all(p is not None for p in prompts):
+        width = max(p.input_ids.shape[1] for p in prompts)
+        pixels = [p.pixel_values for p in prompts if p.pixel_values is not None]
+        grids = [p.image_grid_thw for p in prompts if p.image_grid_thw is not None]
+        merged = EncodedPrompts(
+            torch.cat([_pad_columns(p.input_ids, width - p.input_ids.shape[1], 0, pad_token_id) for p in prompts]),
+            torch.cat([_pad_columns(p.attention_mask, width - p.input_ids.shape[1], 0, 0) for p in prompts]),
+            torch.cat(pixels) if pixels else None, torch.cat(grids) if grids else None,
+            [k for p in prompts for k in p.kept], images=[i for p in prompts for i in p.images],
+        )
+    first = batches[0]
+    return replace(first, input_ids=torch.cat(parts["ids"]), attention_mask=torch.cat(parts["attn"]),
+                   completion_ids=torch.cat(parts["comp"]), loss_mask=torch.cat(parts["loss"]),
+                   pixel_rows=[r for b in batches for r in b.pixel_rows],
+                   grid_rows=[r for b in batches for r in b.grid_rows], prompts=merged)
+
+
 def micro_batches(rows: Sequence[int], size: int) -> list[list[int]]:
     rows = list(rows)
     return [rows[i:i + size] for i in range(0, len(rows), size)]
@@ -246,9 +300,12 @@ def aggregation_weight(mask: torch.Tensor, micro_rows: Sequence[int], all_rows: 
     """The share of a mini-batch's loss that one micro-batch's (locally aggregated) loss carries.
 
     Accumulating ``weight * micro_loss`` over micro-batches reproduces the mini-batch's
-    loss exactly: by rows with tokens for ``sequence_mean``, by tokens for ``token_mean``.
+    loss exactly: by rows with tokens for ``sequence_mean``, by tokens for ``token_mean``,
+    by rows for ``dr_grpo`` (whose divisor counts every row, each ``mask.shape[1]`` wide).
     """
     micro, full = mask[list(micro_rows)], mask[list(all_rows)]
     if aggregation == "token_mean":
         return float(micro.sum()) / max(float(full.sum()), 1.0)
+    if aggregation == "dr_grpo":
+        return len(micro_rows) / max(len(all_rows), 1)
     return float((micro.sum(dim=1) > 0).sum()) / max(float((full.sum(dim=1) > 0).sum()), 1.0)

@@ -29,14 +29,14 @@ from ..config import GRPOStageConfig, activation_checkpointing_on
 from ..distributed import DistEnv, all_reduce_max, all_reduce_mean, barrier, run_on_ranks
 from ..metrics import METRICS_LOG, StageMetrics
 from ..models.loading import load_model, load_model_config, load_processor_parts, torch_dtype
-from ..models.vlm import IMAGE_TOKEN, encode_prompts
+from ..models.vlm import IMAGE_TOKEN
 from ..runtime import StageStopped, UnusableSetting, stop_requested
 from .algos import group_advantages, masked_mean, policy_loss
-from .batch import aggregation_weight, build_policy_batch, micro_batches, pad_groups, sequence_logprobs
+from .batch import aggregation_weight, micro_batches, pad_groups, sequence_logprobs
+from .collect import collect_batch, decode_completions  # noqa: F401  (decode_completions: the bench uses it)
 from .engine import EngineSpec, make_engine, make_reference
 from .logprob_head import LogprobModel
-from .reward import batch_rewards
-from .rollout import RolloutBackend, SamplingSettings, make_rollout
+from .rollout import RolloutBackend, make_rollout
 
 log = logging.getLogger("visionr1.grpo")
 
@@ -90,6 +90,14 @@ def ptst_learning_rate(step: int, peak: float, warmup_steps: int) -> float:
 # --- one step -----------------------------------------------------------------------------
 
 
+def extra_batch_indices(step: int, round_: int, count: int, num_examples: int, seed: int, env: DistEnv) -> list[int]:
+    """This rank's ``count`` fresh prompts of dynamic sampling's extra round ``round_`` of
+    ``step``: a pure function of (seed, step, round), so a resumed run draws the same ones.
+    Each round reads its own permutation stream, apart from the steps' own."""
+    stream = batch_indices(step, num_examples, count * env.world_size, seed + 1_000_003 * round_)
+    return rank_share(stream, env)
+
+
 def grpo_step(state: GRPOState, step: int) -> dict[str, float]:
     """Roll out, score, and update once. Returns this step's metrics (mean over ranks)."""
     grpo, ptst = state.config.grpo, state.config.ptst
@@ -98,35 +106,18 @@ def grpo_step(state: GRPOState, step: int) -> dict[str, float]:
     lr = ptst_learning_rate(step, grpo.learning_rate, grpo.warmup_steps)
     state.engine.set_lr(lr)
 
-    # 1. This step's prompts (this rank's share), encoded with their images.
+    # 1-3. This step's prompts (this rank's share) rolled out within the PTST budget and
+    # scored (HFRRF: 1 only if format and answer are both right; grpo/collect.py), with
+    # dynamic sampling's refills when it is on.
     chosen = rank_share(batch_indices(step, len(state.examples), grpo.rollout_batch_size, grpo.seed), state.env)
-    examples = [state.examples[i] for i in chosen]
-    images = [ex.load_images() for ex in examples]
-    prompts = encode_prompts(
-        state.tokenizer, state.image_processor, [ex.problem for ex in examples], images, grpo.max_prompt_length
-    )
-    examples = [examples[i] for i in prompts.kept]
-    images_per_prompt = [len(images[i]) for i in prompts.kept]
-    if not examples:
-        raise RuntimeError(
-            f"step {step}: every prompt is longer than maxPromptLength={grpo.max_prompt_length} tokens"
-        )
-
-    # 2. Rollout within the PTST budget.
-    sampling = SamplingSettings(group, ptst.max_completion_length, grpo.temperature, grpo.top_p)
-    rollout = state.rollout.generate(prompts, images_per_prompt, sampling, step=step)
-
-    # 3. HFRRF rewards (1 only if format and answer are both right), group advantages.
-    texts = decode_completions(state.tokenizer, rollout.completion_ids, rollout.mask)
-    truths = [ex.answer for ex in examples for _ in range(group)]
-    scored = batch_rewards(texts, truths)
-    rewards = torch.tensor([r.reward for r in scored], dtype=torch.float32)
-    rewards[rollout.vision_token_rows] = 0.0
-    advantages = group_advantages(rewards, group)
+    collected = collect_batch(state, step, chosen, lambda round_, count: extra_batch_indices(
+        step, round_, count, len(state.examples), grpo.seed, state.env))
+    first = collected.first
+    rollout, scored, rewards = first.rollout, first.scored, first.rewards
+    advantages = group_advantages(collected.rewards, group, scale=grpo.advantage_scale)
 
     # 4. Policy update(s) on the rollout batch.
-    batch = build_policy_batch(prompts, images_per_prompt, rollout, group, state.tokenizer, state.image_token_id)
-    train = update_policy(state, batch, advantages)
+    train = update_policy(state, collected.batch, advantages)
 
     rollout_seconds = rollout.seconds
     stats = {
@@ -140,11 +131,13 @@ def grpo_step(state: GRPOState, step: int) -> dict[str, float]:
         "completion_length_min": rollout.lengths.float().min(),
         "clipped_ratio": rollout.truncated.float().mean(),
         "vision_token_rows": rollout.vision_token_rows.float().sum(),
-        "prompts_dropped": torch.tensor(float(len(prompts.dropped_too_long))),
+        "prompts_dropped": torch.tensor(float(len(first.prompts.dropped_too_long))),
         "reward_timeouts": torch.tensor(float(sum(r.timed_out for r in scored))),
         "rollout_tokens_per_s": torch.tensor(rollout.tokens_generated / max(rollout_seconds, 1e-9)),
         **train,
     }
+    # Counts summed over ranks (the mean over ranks times their number).
+    stats.update({k: v * state.env.world_size for k, v in collected.stats.items()})
     stats = {k: float(all_reduce_mean(torch.as_tensor(v, dtype=torch.float32), state.env)) for k, v in stats.items()}
     stats["step_seconds"] = time.perf_counter() - started
     stats["learning_rate"] = lr
@@ -197,20 +190,24 @@ def train_minibatch(state: GRPOState, batch, mini: list[int], advantages, old, r
         logprobs, entropy = sequence_logprobs(engine, batch, micro, grpo.temperature, device, with_entropy=True,
                                               shared_prefix=shared_prefix)
         mask = batch.loss_mask[micro].to(device)
+        old_lp = old[micro].to(device) if old is not None else logprobs.detach()
+        ref_lp = ref[micro].to(device) if ref is not None else None
+        if grpo.loss_aggregation == "dr_grpo":  # its divisor is the stage's budget, not this batch's width
+            width = state.config.ptst.max_completion_length
+            logprobs, old_lp, ref_lp, mask = (pad_to_width(t, width) for t in (logprobs, old_lp, ref_lp, mask))
         loss, stats = policy_loss(
-            logprobs,
-            old[micro].to(device) if old is not None else logprobs.detach(),
-            ref[micro].to(device) if ref is not None else None,
+            logprobs, old_lp, ref_lp,
             advantages[micro].to(device),
             mask,
             epsilon_low=grpo.epsilon_low,
             epsilon_high=grpo.epsilon_high,
             beta=grpo.beta if ref is not None else 0.0,
             aggregation=grpo.loss_aggregation,
+            importance=grpo.importance_sampling,
         )
         weight = aggregation_weight(batch.loss_mask, micro, mini, grpo.loss_aggregation)
         engine.backward(loss * weight, last=index == len(micros) - 1)
-        stats = {**stats, "loss": loss.detach(), "entropy": masked_mean(entropy, mask)}
+        stats = {**stats, "loss": loss.detach(), "entropy": masked_mean(entropy, mask[:, :entropy.shape[1]])}
         for key, value in stats.items():
             acc[key] = acc.get(key, torch.tensor(0.0)) + value.detach().cpu() * weight
     acc["grad_norm"] = engine.step()
@@ -218,9 +215,11 @@ def train_minibatch(state: GRPOState, batch, mini: list[int], advantages, old, r
     return acc
 
 
-def decode_completions(tokenizer, completion_ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
-    """Completion texts without padding and end-of-turn tokens (format tags are kept)."""
-    return [tokenizer.decode(row[: int(n)], skip_special_tokens=True) for row, n in zip(completion_ids, mask.sum(dim=1))]
+def pad_to_width(t: torch.Tensor | None, width: int) -> torch.Tensor | None:
+    """``(b, T) -> (b, max(T, width))``, zeros on the right (masked out: they add nothing)."""
+    if t is None or t.shape[1] >= width:
+        return t
+    return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=0)
 
 
 # --- the stage ------------------------------------------------------------------------------

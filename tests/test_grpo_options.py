@@ -1,0 +1,181 @@
+"""The GRPO options of issue 16 (Dr. GRPO, GSPO, DAPO's dynamic sampling and overlong
+handling, the length penalty) against independent hand computations on small tensors,
+plus their settings' validation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from visionr1_trainer.config import GRPOSettings, GRPOStageConfig, ConfigError, load_stage_config
+from visionr1_trainer.grpo.algos import (
+    dynamic_sampling_keep,
+    group_advantages,
+    group_length_penalty,
+    mask_truncated,
+    policy_loss,
+    soft_overlong_penalty,
+)
+from visionr1_trainer.grpo.batch import aggregation_weight, micro_batches
+
+
+# --- Dr. GRPO --------------------------------------------------------------------------------
+
+
+def test_scale_none_is_reward_minus_group_mean():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.5, 0.5, 1.0, 0.0])
+    adv = group_advantages(rewards, 4, scale="none")
+    # group 1: mean 0.25 -> [0.75, -0.25, -0.25, -0.25]; group 2: mean 0.5 -> [0, 0, 0.5, -0.5]
+    assert adv.tolist() == pytest.approx([0.75, -0.25, -0.25, -0.25, 0.0, 0.0, 0.5, -0.5])
+    # the default is unchanged: divided by the group's sample std (+ eps)
+    s = math.sqrt((0.75 ** 2 + 3 * 0.25 ** 2) / 3)
+    assert group_advantages(rewards, 4)[0].item() == pytest.approx(0.75 / (s + 1e-4))
+
+
+def test_unknown_scale_names_the_valid_ones():
+    with pytest.raises(ValueError, match="valid: none, std"):
+        group_advantages(torch.zeros(4), 2, scale="batch")
+
+
+def test_dr_grpo_sums_and_divides_by_sequences_times_width():
+    # ratio 1 (old == current), no KL: per-token loss is -A on real tokens.
+    lp = torch.zeros(2, 4)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
+    adv = torch.tensor([1.0, -2.0])
+    loss, _ = policy_loss(lp, lp, None, adv, mask, beta=0.0, aggregation="dr_grpo")
+    # masked sum: 3 * (-1) + 1 * (+2) = -1; divisor 2 sequences x 4 columns = 8
+    assert loss.item() == pytest.approx(-1 / 8)
+    # sequence_mean for contrast: mean(-1, 2) = 0.5
+    assert policy_loss(lp, lp, None, adv, mask, beta=0.0)[0].item() == pytest.approx(0.5)
+    # a wider pad changes the divisor only: the trainer pads to maxCompletionLength
+    wide, _ = policy_loss(torch.zeros(2, 8), torch.zeros(2, 8), None, adv,
+                          torch.nn.functional.pad(mask, (0, 4)), beta=0.0, aggregation="dr_grpo")
+    assert wide.item() == pytest.approx(-1 / 16)
+
+
+def test_dr_grpo_micro_batches_accumulate_to_the_full_loss():
+    torch.manual_seed(0)
+    lp = torch.randn(6, 5, requires_grad=True)
+    old, ref, adv = lp.detach() + 0.1 * torch.randn(6, 5), lp.detach() + 0.1, torch.randn(6)
+    mask = (torch.rand(6, 5) > 0.3).long()
+    mask[2] = 0
+    full, _ = policy_loss(lp, old, ref, adv, mask, aggregation="dr_grpo")
+    rows = list(range(6))
+    acc = sum(policy_loss(lp[m], old[m], ref[m], adv[m], mask[m], aggregation="dr_grpo")[0]
+              * aggregation_weight(mask, m, rows, "dr_grpo") for m in micro_batches(rows, 4))
+    assert torch.allclose(acc, full, atol=1e-7)
+
+
+# --- GSPO ------------------------------------------------------------------------------------
+
+
+def test_sequence_importance_ratio_hand_computed():
+    lp = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]], requires_grad=True)
+    old = torch.tensor([[-1.2, -1.9, -9.0], [-1.5, -1.5, -1.5]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    adv = torch.tensor([1.0, 1.0])
+    loss, stats = policy_loss(lp, old, None, adv, mask, beta=0.0, importance="sequence",
+                              epsilon_low=0.2, epsilon_high=0.2)
+    # row 0: mean(0.2, -0.1) = 0.05 -> s = e^0.05 = 1.0513 (inside the clip range)
+    # row 1: mean(0.5, 0.5, 0.5) = 0.5 -> s = e^0.5 = 1.6487, clipped to 1.2 for A > 0
+    s0, s1 = math.exp(0.05), 1.2
+    # sequence_mean: each row's tokens all carry -s * A; the mean over rows
+    assert loss.item() == pytest.approx(-(s0 + s1) / 2, rel=1e-6)
+    assert stats["clip_frac_high"].item() == pytest.approx(3 / 5)  # row 1's three tokens
+    loss.backward()
+    # row 0's gradient: d(-s0/2)/d lp_t = -s0/2 * (1/2) on its two real tokens, 0 on padding;
+    # row 1 is clipped: no gradient
+    assert lp.grad[0].tolist() == pytest.approx([-s0 / 4, -s0 / 4, 0.0], rel=1e-6)
+    assert lp.grad[1].abs().sum().item() == 0.0
+
+
+def test_token_and_sequence_agree_when_the_policy_has_not_moved():
+    torch.manual_seed(1)
+    lp, ref = torch.randn(3, 4), torch.randn(3, 4)
+    mask, adv = torch.ones(3, 4), torch.randn(3)
+    a, _ = policy_loss(lp, lp, ref, adv, mask)
+    b, _ = policy_loss(lp, lp, ref, adv, mask, importance="sequence")
+    assert a.item() == pytest.approx(b.item())  # KL per token either way
+
+
+def test_unknown_importance_names_the_valid_ones():
+    with pytest.raises(ValueError, match="valid: sequence, token"):
+        policy_loss(torch.zeros(1, 1), torch.zeros(1, 1), None, torch.zeros(1), torch.ones(1, 1),
+                    beta=0.0, importance="seq")
+
+
+# --- DAPO: dynamic sampling, overlong ---------------------------------------------------------------
+
+
+def test_dynamic_sampling_keeps_groups_whose_rewards_differ():
+    rewards = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5])
+    assert dynamic_sampling_keep(rewards, 3).tolist() == [False, False, True, False]
+    assert dynamic_sampling_keep(rewards, 4).tolist() == [True, True, False]
+    with pytest.raises(ValueError):
+        dynamic_sampling_keep(rewards, 5)
+
+
+def test_soft_overlong_penalty_hand_computed():
+    # L_max 20, L_cache 8: no penalty up to 12 tokens, then -(len - 12) / 8, -1 at 20 and beyond
+    lengths = torch.tensor([5, 12, 13, 16, 20, 25])
+    assert soft_overlong_penalty(lengths, 20, 8).tolist() == pytest.approx([0, 0, -1 / 8, -0.5, -1, -1])
+    assert soft_overlong_penalty(lengths, 20, 8, factor=0.5).tolist() == pytest.approx(
+        [0, 0, -1 / 16, -0.25, -0.5, -0.5])
+    with pytest.raises(ValueError):
+        soft_overlong_penalty(lengths, 20, 0)
+
+
+def test_mask_truncated_zeroes_the_rows_that_hit_the_cap():
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 1]])
+    out = mask_truncated(mask, torch.tensor([True, False, False]))
+    assert out.tolist() == [[0, 0, 0], [1, 1, 0], [1, 1, 1]] and out.dtype == mask.dtype
+
+
+# --- Arora and Zanette's length penalty -------------------------------------------------------------
+
+
+def test_group_length_penalty_hand_computed():
+    lengths = torch.tensor([10, 20, 30, 99, 7, 8, 9, 10])
+    correct = torch.tensor([True, True, True, False, True, False, False, False])
+    factor = group_length_penalty(lengths, correct, 4, alpha=0.2)
+    # group 1: correct lengths 10, 20, 30: mean 20, population std sqrt(200/3)
+    sd = math.sqrt(200 / 3)
+    sig = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
+    expected = [1 - 0.2 * sig(-10 / sd), 1 - 0.2 * 0.5, 1 - 0.2 * sig(10 / sd), 1.0,
+                1 - 0.2 * 0.5, 1.0, 1.0, 1.0]  # group 2: one correct completion: sigmoid(0)
+    assert factor.tolist() == pytest.approx(expected, rel=1e-6)
+
+
+# --- the settings -----------------------------------------------------------------------------------
+
+
+def test_defaults_are_the_papers():
+    s = GRPOSettings()
+    assert (s.loss_aggregation, s.advantage_scale, s.importance_sampling, s.dynamic_sampling, s.overlong) == (
+        "sequence_mean", "std", "token", False, "none")
+
+
+@pytest.mark.parametrize("field,value", [("advantageScale", "batch"), ("importanceSampling", "seq"),
+                                         ("lossAggregation", "sum"), ("overlong", "cut"),
+                                         ("dynamicSamplingMaxRounds", 0)])
+def test_bad_values_are_refused_naming_the_field(field, value):
+    with pytest.raises(Exception, match=field):
+        GRPOSettings.model_validate({field: value}, by_name=False)
+
+
+def test_soft_penalty_needs_a_buffer_that_fits_the_stage(tmp_path):
+    with pytest.raises(Exception, match="overlongBuffer"):
+        GRPOSettings.model_validate({"overlong": "softPenalty"}, by_name=False)
+    from grpo_harness import grpo_config
+    import json
+
+    doc = grpo_config(tmp_path, tmp_path, tmp_path / "rl.jsonl", overlong="softPenalty", overlongBuffer=100)
+    path = tmp_path / "stage.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ConfigError, match=r"grpo.overlongBuffer: 100 is above maxCompletionLength \(24\)"):
+        load_stage_config(path)
+    doc["grpo"]["overlongBuffer"] = 8
+    path.write_text(json.dumps(doc))
+    assert isinstance(load_stage_config(path), GRPOStageConfig)
