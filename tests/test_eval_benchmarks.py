@@ -188,8 +188,8 @@ def test_dynamath_rows_tolerance_and_worst_case(tmp_path):
         {"id": "2", "qid": "2", "varid": "1", "question": mc_question, "image": png(tmp_path, "d3.png"),
          "ground_truth": "B", "answer_type": "multiple choice", "subject": "AL", "knowledge_level": "undergraduate"},
     ]
-    write_rows(rows, tmp_path / "sample_variant.jsonl")
-    items = load_benchmark(spec("dynamath", "dynamath", tmp_path)).items
+    write_rows(rows, tmp_path / "sample_variant.jsonl")  # VLMEvalKit's layout: qid and varid in one file
+    items = load_benchmark(spec("dynamath", "dynamath", tmp_path / "sample_variant.jsonl")).items
     assert [it.id for it in items] == ["1-v1", "1-v2", "2-v1"] and [it.group for it in items] == ["1", "1", "2"]
     assert items[2].choices == ["sin x", "cos x", "tan x"] and items[2].answer == "B"
     assert score(items[0], answer("3.1419")).correct and score(items[0], answer("\\pi")).correct

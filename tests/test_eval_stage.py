@@ -261,5 +261,5 @@ def test_cli_reports_a_failed_stage(tmp_path, assets):
     done = visionr1("eval", "--model", str(assets["three"]), "--benchmark", f"syn=synthetic:{empty}",
                     "--backend", "hf", "--dtype", "float32", "--output", str(tmp_path / "o"), cwd=tmp_path)
     assert done.returncode == 1
-    assert "error: eval failed (exit status 1): DataSourceError" in done.stderr
-    assert "no parquet, jsonl or json" in done.stderr
+    assert "error: eval failed (exit status 1): BenchmarksFailed: benchmark(s) syn failed" in done.stderr
+    assert "DataSourceError" in done.stderr and "no parquet, jsonl or json" in done.stderr

@@ -75,7 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         status, summary = EXIT_BAD_CONFIG, {"error": str(exc)[:1000]}
     except Exception as exc:  # the stage failed: say why, in the log and in the summary
         print(redact(traceback.format_exc()), file=sys.stderr, end="")
-        status, summary = EXIT_FAILED, {"error": f"{type(exc).__name__}: {exc}"[:1000]}
+        # A stage that did part of its work (the eval stage's other benchmarks) says so too.
+        partial = getattr(exc, "summary", None)
+        status, summary = EXIT_FAILED, {**(partial if isinstance(partial, dict) else {}),
+                                        "error": f"{type(exc).__name__}: {exc}"[:1000]}
     summary = {"stage": config.stage, "attempt": config.attempt, **summary}
     write_termination_message(config.termination_message_path, summary)
     return status

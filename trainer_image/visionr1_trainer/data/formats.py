@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Generic, Iterable, TypeVar
 
-from .sources import BadRow, UnsafePath, cache_root, iter_rows, materialize_image, resolve
+from .sources import BadRow, ImageRoots, UnsafePath, cache_root, iter_rows, resolve
 
 log = logging.getLogger(__name__)
 
@@ -197,18 +197,16 @@ def check_image(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
 
 
 class _RowContext:
-    """What row parsers need besides the row: where images live, the cache, storage."""
+    """What row parsers need besides the row: where images live (``ImageRoots``), the bound."""
 
-    def __init__(self, base_dir: Path | None, cache: Path, storage=None,
-                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
-        self.base_dir, self.cache, self.storage = base_dir, cache, storage
-        self.max_pixels = max_pixels
+    def __init__(self, roots: ImageRoots, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+        self.roots, self.max_pixels = roots, max_pixels
 
     def images(self, row: dict) -> list[str]:
         paths = []
         for value in _image_values(row):
             try:
-                path = materialize_image(value, self.base_dir, self.cache, self.storage)
+                path = self.roots.find(value)
             except UnsafePath as exc:
                 raise SkipRow("unsafe_image_path", str(exc)) from None
             except LookupError as exc:
@@ -318,19 +316,64 @@ SCHEMAS: dict[str, tuple[Callable, tuple[str, ...]]] = {
     "cold": (parse_cold_row, ("id", "conversations", "messages", "images", "image")),
     "bridge": (parse_bridge_row, ("id", "question", "answer", "images", "image")),
 }
+# Where ``DatasetRef.conversation`` puts the first user turn, per schema.
+QUESTION_FIELD = {"rl": "problem", "bridge": "question"}
 
 
 def read_dataset(ref, schema: str, storage=None, cache_dir: str | Path | None = None) -> ReadResult:
-    """Read ``ref`` (a ``DatasetRef``) as ``schema`` (``rl``, ``cold`` or ``bridge``)."""
+    """Read ``ref`` (a ``DatasetRef``) as ``schema`` (``rl``, ``cold`` or ``bridge``).
+
+    A cold-start set named by its hub name is fetched as the repo's files and read as a
+    mirror is (Vision-R1-cold's two JSON files are one data set, not one table).
+    """
     if schema not in SCHEMAS:
         raise ValueError(f"unknown schema {schema!r}; valid: {', '.join(SCHEMAS)}")
     parse, expected = SCHEMAS[schema]
-    resolved = resolve(ref.source, ref.split, storage, cache_dir)
-    ctx = _RowContext(resolved.base_dir, cache_root(cache_dir), storage, max_image_pixels(ref))
+    conversation = getattr(ref, "conversation", None)
+    if conversation is not None:
+        if schema not in QUESTION_FIELD:
+            raise ValueError(f"conversation: the {schema} schema reads conversations itself; drop the setting")
+        parse = _from_conversation(parse, conversation, QUESTION_FIELD[schema])
+    resolved = resolve(ref.source, ref.split, storage, cache_dir, subset=ref.subset, hub_files=schema == "cold")
+    ctx = _RowContext(ImageRoots(resolved, cache_root(cache_dir), storage, getattr(ref, "image_roots", ())),
+                      max_image_pixels(ref))
     result = parse_rows(iter_rows(resolved, ref.subset, ref.split), ref, parse, expected, ctx)
     result.skipped.update(resolved.skipped)
     _log_result(result, schema)
     return result
+
+
+def conversation_row(row: dict, turns_field: str, images_field: str, question_field: str) -> dict:
+    """A conversation row as ``{question_field, answer, images}``: the first user turn is the
+    question (``<image>`` markers removed), the last assistant turn the answer."""
+    turns = row.get(turns_field)
+    if turns is None:
+        raise SkipRow("bad_conversation", f"no {turns_field!r}")
+    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+        raise SkipRow("wrong_type", f"{turns_field!r} is not a list of objects")
+    messages = []
+    for turn in turns:
+        role_key, text_key = ("from", "value") if "from" in turn else ("role", "content")
+        role = SHAREGPT_ROLES.get(str(turn.get(role_key)))
+        if role is None:
+            raise SkipRow("bad_conversation", f"unsupported role {turn.get(role_key)!r}")
+        content, _ = _turn_text(turn.get(text_key))
+        messages.append({"role": role, "content": content.replace(IMAGE_PLACEHOLDER, "").strip()})
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    answers = [m["content"] for m in messages if m["role"] == "assistant"]
+    if not users or not users[0]:
+        raise SkipRow("empty_question", "no user turn with text")
+    if not answers or not answers[-1]:
+        raise SkipRow("empty_answer", "no assistant turn with text")
+    out = {k: v for k, v in row.items() if k not in (turns_field, images_field)}
+    out.update({question_field: users[0], "answer": answers[-1], "images": row.get(images_field)})
+    return out
+
+
+def _from_conversation(parse, conversation, question_field: str):
+    def parse_conversation(row: dict, ctx, index: int):
+        return parse(conversation_row(row, conversation.field, conversation.images, question_field), ctx, index)
+    return parse_conversation
 
 
 def max_image_pixels(ref) -> int:

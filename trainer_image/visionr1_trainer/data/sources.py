@@ -19,6 +19,7 @@ another type, and a broken row must be skipped and counted, not fail the stage.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
@@ -30,13 +31,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from .layout import LayoutError, names, select_files
+
 log = logging.getLogger(__name__)
 
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
 DATASET_ARTIFACT = "dataset"  # what the bridge stage commits under its output URI
 COMMIT_MARKER = "_COMMITTED.json"
-# Files that sit beside the data in our own artifacts and are not rows.
-NOT_DATA = {"stats.json", COMMIT_MARKER}
+# Files that sit beside the data and are not rows: our artifacts' stats and marker, the
+# hub's metadata (LLaMA-Factory's dataset_info.json in Vision-R1-cold), a saved data set's.
+NOT_DATA = {"stats.json", COMMIT_MARKER, "dataset_info.json", "dataset_infos.json", "dataset_dict.json",
+            "state.json"}
+# What a hub data set's files are fetched as (``resolve(..., hub_files=True)``).
+HUB_FILE_PATTERNS = ["*.parquet", "*.jsonl", "*.json", "*.zip", "README.md",
+                     "**/*.parquet", "**/*.jsonl", "**/*.json", "**/*.zip"]
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?$")
 
 
@@ -102,41 +110,68 @@ class ResolvedSource:
     base_dir: Path | None = None  # relative image paths are resolved against this
     hub_name: str | None = None
     saved_dataset: Path | None = None  # a ``Dataset.save_to_disk`` directory
+    single_file: bool = False  # the source names one file: it is read whatever the split
     # Objects of the source not fetched, by reason (``unsafe_object_key``); the readers add
     # them to the rows they skip, so nothing vanishes without a count.
     skipped: dict[str, int] = field(default_factory=dict)
 
 
-def resolve(source: str, split: str = "train", storage=None, cache_dir: str | Path | None = None) -> ResolvedSource:
-    """Turn ``DatasetRef.source`` into local files (downloading if needed) or a hub name."""
+def resolve(source: str, split: str = "train", storage=None, cache_dir: str | Path | None = None,
+            subset: str | None = None, split_aliases: tuple[str, ...] = (), hub_files: bool = False) -> ResolvedSource:
+    """Turn ``DatasetRef.source`` into local files (downloading if needed) or a hub name.
+
+    A directory's files are chosen by ``split`` and ``subset`` as the hub chooses them
+    (``layout.select_files``; ``split_aliases`` are other names of the split's files).
+    ``hub_files``: a hub name is fetched as its repo's files and read as a mirror is, for
+    data sets that ``datasets.load_dataset`` cannot read as one table (Vision-R1-cold's
+    two JSON files, MM-Math's jsonl beside a zip of images).
+    """
+    pick = (split, subset, split_aliases)
     if source.startswith("s3://"):
         unsafe: list[str] = []
         local = _fetch_s3(source, storage, cache_root(cache_dir), unsafe)
-        resolved = _local(source, local, split)
+        resolved = _local(source, local, *pick)
         if unsafe:
             resolved.skipped["unsafe_object_key"] = len(unsafe)
         return resolved
     if source.startswith("pvc://"):
         from ..storage import open_store
 
-        return _local(source, Path(open_store(source).root), split)
+        return _local(source, Path(open_store(source).root), *pick)
     if source.startswith("file://"):
-        return _local(source, Path(source[len("file://"):]), split)
+        return _local(source, Path(source[len("file://"):]), *pick)
     path = Path(source)
     if source.startswith("/") or path.exists() or path.suffix in DATA_SUFFIXES:
-        return _local(source, path, split)
+        return _local(source, path, *pick)
     if _HUB_NAME.match(source):
+        if hub_files:
+            return _local(source, _fetch_hub_files(source, cache_root(cache_dir)), *pick)
         return ResolvedSource(source, hub_name=source)
     raise DataSourceError(f"{source!r} is neither a path, a storage URI nor a hub data set name")
 
 
-def _local(description: str, path: Path, split: str) -> ResolvedSource:
+def _fetch_hub_files(name: str, cache: Path) -> Path:
+    """The data files of hub data set ``name`` (parquet, json, jsonl, zip, README.md), downloaded."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id=name, repo_type="dataset", allow_patterns=HUB_FILE_PATTERNS,
+                                      cache_dir=str(cache / "hub")))
+    except Exception as exc:  # offline, unknown name, gated: say which
+        raise DataSourceError(f"cannot fetch the files of hub data set {name!r}: {type(exc).__name__}: {exc}") from exc
+
+
+def _local(description: str, path: Path, split: str, subset: str | None = None,
+           split_aliases: tuple[str, ...] = ()) -> ResolvedSource:
     if not path.exists():
         raise DataSourceError(f"{description}: {path} does not exist")
     if path.is_file():
         if path.suffix not in DATA_SUFFIXES:
             raise DataSourceError(f"{description}: {path.name} is not a parquet, jsonl or json file")
-        return ResolvedSource(description, [path], path.parent)
+        if subset and not names(path, path.parent, subset):
+            raise DataSourceError(f"{description}: subset {subset!r} does not name the file {path.name}; "
+                                  "point source at the folder holding the subsets, or drop subset")
+        return ResolvedSource(description, [path], path.parent, single_file=True)
     if (path / DATASET_ARTIFACT / COMMIT_MARKER).is_file():
         path = path / DATASET_ARTIFACT  # a stage's output: read its committed data set
     elif (path / DATASET_ARTIFACT).is_dir():
@@ -144,22 +179,23 @@ def _local(description: str, path: Path, split: str) -> ResolvedSource:
                               "(did the bridge stage finish?)")
     if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
         return ResolvedSource(description, base_dir=path, saved_dataset=path)
-    files = _pick_files(path, split)
-    if not files:
+    found = data_files(path)
+    if not found:
         raise DataSourceError(f"{description}: no parquet, jsonl or json files under {path}")
+    try:
+        files = select_files(path, found, split, subset, split_aliases)
+    except LayoutError as exc:
+        raise DataSourceError(f"{description}: {exc}") from None
     return ResolvedSource(description, files, path)
 
 
-def _pick_files(directory: Path, split: str) -> list[Path]:
-    """The data files of ``split`` in a directory (all of them when none is named by split)."""
-    found = sorted(
+def data_files(directory: Path) -> list[Path]:
+    """Every parquet, jsonl and json file under ``directory`` that may hold rows, sorted."""
+    return sorted(
         p for p in directory.rglob("*")
         if p.is_file() and p.suffix in DATA_SUFFIXES and p.name not in NOT_DATA
         and not any(part.startswith((".", "_")) for part in p.relative_to(directory).parts)
     )
-    # Hub layouts name files by split: train.jsonl, data/test-00000-of-00001.parquet.
-    named = [p for p in found if re.match(rf"^{re.escape(split)}([-_.]|$)", p.name)]
-    return named or found
 
 
 def _fetch_s3(uri: str, storage, cache: Path, unsafe: list[str]) -> Path:
@@ -384,3 +420,112 @@ def _cache_s3_object(uri: str, cache: Path, storage=None) -> str:
         except Exception as exc:
             raise LookupError(f"cannot download {uri}: {exc}") from None
     return str(target)
+
+
+# --- where a row's relative image paths are looked up ------------------------------------
+
+
+def _plain_relative(name: str) -> bool:
+    return bool(name) and not name.startswith("/") and "\\" not in name and "\x00" not in name \
+        and not any(part in ("", ".", "..") for part in name.split("/"))
+
+
+class ImageRoots:
+    """Finds the image a row names: in the source's folder, its data files' folders, the
+    zip archives lying there (MM-Math's ``MM_Math.zip``, MathVerse's ``images.zip``) and
+    the configured ``DatasetRef.imageRoots`` (local paths, ``pvc://`` or ``s3://``).
+
+    Bytes, decoded images and ``s3://`` values go to ``materialize_image`` as before. A
+    path that would leave every root (``..``, absolute) is ``UnsafePath``; one found
+    nowhere is ``LookupError``.
+    """
+
+    def __init__(self, resolved: ResolvedSource, cache: Path, storage=None, image_roots: list[str] | tuple = ()):
+        self.cache, self.storage = cache, storage
+        local: list[Path] = [resolved.base_dir] if resolved.base_dir is not None else []
+        local += [p.parent for p in resolved.files]
+        self.remote: list[str] = []
+        for root in image_roots or ():
+            if root.startswith("s3://"):
+                self.remote.append(root.rstrip("/"))
+            elif root.startswith("pvc://"):
+                from ..storage import open_store
+
+                local.append(Path(open_store(root).root))
+            else:
+                local.append(Path(root[len("file://"):] if root.startswith("file://") else root))
+        self.local = list(dict.fromkeys(local))  # in order, once each
+        self._zips: list[tuple[Path, dict[str, str]]] | None = None
+
+    @property
+    def base_dir(self) -> Path | None:
+        return self.local[0] if self.local else None
+
+    def find(self, value: Any) -> str:
+        if not isinstance(value, str) or value.startswith("s3://") or not self.local:
+            return materialize_image(value, self.base_dir, self.cache, self.storage)
+        unsafe: UnsafePath | None = None
+        for root in self.local:
+            try:
+                return materialize_image(value, root, self.cache, self.storage)
+            except LookupError:
+                continue
+            except UnsafePath as exc:
+                unsafe = exc
+        relative = value[len("file://"):] if value.startswith("file://") else value
+        if not _plain_relative(relative):
+            raise unsafe or UnsafePath(f"image path {value!r} is not a plain relative path")
+        found = self._from_zip(relative)
+        if found is not None:
+            return found
+        for root in self.remote:
+            try:
+                return _cache_s3_object(f"{root}/{relative}", self.cache, self.storage)
+            except LookupError:
+                continue
+        raise LookupError(f"no image {value!r} under {', '.join(map(str, self.local + self.remote))}")
+
+    def _zip_index(self) -> list[tuple[Path, dict[str, str]]]:
+        """Each zip archive in a local root, with its members by full name and by base name."""
+        if self._zips is None:
+            import zipfile
+
+            self._zips = []
+            for root in self.local:
+                for archive in sorted(root.glob("*.zip")) if root.is_dir() else []:
+                    try:
+                        with zipfile.ZipFile(archive) as z:
+                            members = [m for m in z.namelist() if not m.endswith("/")]
+                    except (zipfile.BadZipFile, OSError) as exc:
+                        log.warning("%s: not a readable zip archive (%s); its images are not used", archive, exc)
+                        continue
+                    index: dict[str, str] = {}
+                    base_count = collections.Counter(m.rsplit("/", 1)[-1] for m in members)
+                    for member in members:
+                        index[member] = member
+                        base = member.rsplit("/", 1)[-1]
+                        if base_count[base] == 1:
+                            index.setdefault(base, member)
+                    self._zips.append((archive, index))
+        return self._zips
+
+    def _from_zip(self, relative: str) -> str | None:
+        import zipfile
+
+        for archive, index in self._zip_index():
+            member = index.get(relative) or index.get(relative.rsplit("/", 1)[-1])
+            if member is None:
+                continue
+            target_dir = self.cache / "zip-images" / hashlib.sha1(str(archive.resolve()).encode()).hexdigest()[:16]
+            try:
+                target = inside(target_dir, member)
+            except UnsafePath as exc:
+                raise UnsafePath(f"{archive.name}: member {member!r}: {exc}") from None
+            if not target.is_file():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_name(f".{target.name}.{os.getpid()}")
+                with zipfile.ZipFile(archive) as z, z.open(member) as src, tmp.open("wb") as dst:
+                    shutil.copyfileobj(src, dst)
+                os.replace(tmp, target)
+            return str(target)
+        return None

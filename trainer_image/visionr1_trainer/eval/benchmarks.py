@@ -41,9 +41,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..answers import choice_letter, last_boxed_content
+from ..answers import all_boxed_contents, choice_letter
 from ..data.formats import DEFAULT_MAX_IMAGE_PIXELS, ReadResult, SkipRow, check_image, load_rgb, max_image_pixels, parse_rows
-from ..data.sources import UnsafePath, cache_root, iter_rows, materialize_image, resolve
+from ..data.sources import ImageRoots, UnsafePath, cache_root, iter_rows, resolve
 from .extract import LETTERS, option_letter, parse_inline_choices
 
 __all__ = ["EvalItem", "FORMATS", "MATHVISTA_SKILLS", "MATHVISTA_TASKS", "load_benchmark"]
@@ -68,6 +68,13 @@ MATHVISTA_SKILLS = {
     "statistical reasoning": "STA",
 }
 DYNAMATH_FLOAT_TOLERANCE = 1e-3
+# DynaMath_Sample's ten splits (one variant of each of the 501 seed questions per split),
+# stored as data/sample<N>-*.parquet; all ten are read unless a ref names one.
+DYNAMATH_SPLITS = tuple(f"sample_variant{n}" for n in range(1, 11))
+# MM-Math's judge compares numbers within this absolute tolerance (its eval.py --precision).
+MMMATH_TOLERANCE = 1e-2
+# The split a row came from, set on each row by load_benchmark (DynaMath's variant).
+SPLIT_KEY = "__split__"
 # DatasetRef.split's default: when a ref keeps it, the format's own default split is read.
 DEFAULT_SPLIT = "train"
 
@@ -96,6 +103,13 @@ class EvalItem:
     categories: dict[str, list[str]] = field(default_factory=dict)
     group: str | None = None
     judge_question: str = ""
+    # Every part the answer has (MM-Math: all \\boxed{} of the solution, all must be right).
+    answer_parts: list[str] | None = None
+    # A benchmark's own fallback when no option is named (``mathvista``: the closest option
+    # by edit distance; ``dynamath``: the one option letter the answer contains).
+    choice_rule: str | None = None
+    # The row's own fields, for a predictions file in the benchmark's submission format.
+    problem: dict[str, Any] | None = None
 
     def load_images(self) -> list:
         return [load_rgb(p) for p in self.image_paths]
@@ -114,17 +128,21 @@ class BenchmarkFormat:
 
     parse: Callable[[dict, "RowContext", int], EvalItem]
     fields: tuple[str, ...]
-    default_split: str | None = None
+    default_split: str | tuple[str, ...] | None = None
     default_subset: str | None = None
+    # Read a hub name as the repo's files (MM-Math's hub data set is an image folder).
+    hub_files: bool = False
+    # Other names of a split's files: ``sample_variant3`` -> ``sample3`` (DynaMath).
+    split_aliases: Callable[[str], tuple[str, ...]] | None = None
 
 
 FORMATS: dict[str, BenchmarkFormat] = {}
 
 
-def register(name: str, fields: tuple[str, ...], default_split: str | None = None,
-             default_subset: str | None = None):
+def register(name: str, fields: tuple[str, ...], default_split: str | tuple[str, ...] | None = None,
+             default_subset: str | None = None, **options: Any):
     def wrap(parse):
-        FORMATS[name] = BenchmarkFormat(parse, fields, default_split, default_subset)
+        FORMATS[name] = BenchmarkFormat(parse, fields, default_split, default_subset, **options)
         return parse
     return wrap
 
@@ -133,12 +151,17 @@ def register(name: str, fields: tuple[str, ...], default_split: str | None = Non
 
 
 class RowContext:
-    """Where a row's relative image paths point, the image cache, the storage settings."""
+    """Where a row's images are (``ImageRoots``), the size bound, and whether rows must carry
+    an answer (not in ``predictionsOnly`` mode)."""
 
-    def __init__(self, base_dir: Path | None, cache: Path, storage=None,
-                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
-        self.base_dir, self.cache, self.storage = base_dir, cache, storage
-        self.max_pixels = max_pixels
+    def __init__(self, roots: ImageRoots, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                 answers_required: bool = True):
+        self.roots, self.max_pixels = roots, max_pixels
+        self.answers_required = answers_required
+
+    def answer(self, row: dict, keys: str | tuple[str, ...]) -> str:
+        """The row's ground truth; "" for a row without one when answers are not required."""
+        return _text(row, keys, "empty_answer" if self.answers_required else None) or ""
 
     def images(self, row: dict, keys: tuple[str, ...], required: bool = True) -> list[str]:
         """Local paths of the images under the first of ``keys`` that holds any."""
@@ -158,7 +181,7 @@ class RowContext:
             candidates.append(f"images/{value}")  # MM-Math and MathVista ship images/ beside the rows
         for candidate in candidates:
             try:
-                path = materialize_image(candidate, self.base_dir, self.cache, self.storage)
+                path = self.roots.find(candidate)
             except UnsafePath as exc:
                 raise SkipRow("unsafe_image_path", str(exc)) from None
             except LookupError:
@@ -185,12 +208,32 @@ def load_benchmark(spec, storage=None, cache_dir: str | Path | None = None) -> R
     split, subset = ref.split, ref.subset
     if split == DEFAULT_SPLIT and fmt.default_split:
         split, subset = fmt.default_split, subset or fmt.default_subset
-    resolved = resolve(ref.source, split, storage, cache_dir)
-    ctx = RowContext(resolved.base_dir, cache_root(cache_dir), storage, max_image_pixels(ref))
-    result = parse_rows(iter_rows(resolved, subset, split), ref, fmt.parse, fmt.fields, ctx)
-    result.skipped.update(resolved.skipped)
+    splits = (split,) if isinstance(split, str) else tuple(split)
+    answers_required = not getattr(spec, "predictions_only", False)
+    sources = []
+    for name in splits:
+        aliases = fmt.split_aliases(name) if fmt.split_aliases else ()
+        resolved = resolve(ref.source, name, storage, cache_dir, subset=subset, split_aliases=aliases,
+                           hub_files=fmt.hub_files)
+        sources.append((name, resolved))
+        if resolved.single_file:
+            break  # one file named: its rows are read once, whatever the splits
+    roots = [ImageRoots(r, cache_root(cache_dir), storage, ref.image_roots) for _, r in sources]
+
+    def rows():
+        for (name, resolved), root in zip(sources, roots):
+            ctx.roots = root
+            for row in iter_rows(resolved, subset, name):
+                if isinstance(row, dict):
+                    row = {**row, SPLIT_KEY: name}
+                yield row
+
+    ctx = RowContext(roots[0], max_image_pixels(ref), answers_required)
+    result = parse_rows(rows(), ref, fmt.parse, fmt.fields, ctx)
+    for _, resolved in sources:
+        result.skipped.update(resolved.skipped)
     level = logging.WARNING if result.skipped else logging.INFO
-    log.log(level, "%s (%s, split %s): kept %d of %d rows; skipped %s", ref.source, spec.format, split,
+    log.log(level, "%s (%s, split %s): kept %d of %d rows; skipped %s", ref.source, spec.format, ", ".join(splits),
             len(result.items), result.rows_read, dict(sorted(result.skipped.items())))
     return result
 
@@ -281,6 +324,26 @@ def _truth_letter(answer: str, choices: list[str] | None) -> str:
     return _letter_of(answer, choices)
 
 
+# The fields of a MathVista problem its scorer reads from a predictions file.
+MATHVISTA_PROBLEM_FIELDS = ("question", "image", "choices", "unit", "precision", "answer", "question_type",
+                            "answer_type", "pid", "metadata", "query")
+
+
+def _problem(row: dict, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The row's ``keys`` as JSON values (metadata given as JSON text is parsed)."""
+    out: dict[str, Any] = {}
+    for key in keys:
+        value = row.get(key)
+        if key == "metadata":
+            value = _mapping(value) or None
+        elif isinstance(value, (list, tuple)):
+            value = [str(v) for v in value]
+        elif not isinstance(value, (str, int, float, bool)) and value is not None:
+            value = str(value)
+        out[key] = value
+    return out
+
+
 def _row_id(row: dict, keys: tuple[str, ...], index: int) -> str:
     return _text(row, keys) or f"row-{index:08d}"
 
@@ -298,7 +361,7 @@ def _options_text(choices: list[str] | None) -> str:
                         "precision", "question_type", "metadata", "query", "unit"), default_split="testmini")
 def parse_mathvista(row: dict, ctx: RowContext, index: int) -> EvalItem:
     question = _text(row, "question", "empty_question")
-    answer = _text(row, "answer", "empty_answer")
+    answer = ctx.answer(row, "answer")
     choices = _choices(row.get("choices"))
     multiple = row.get("question_type") == "multi_choice" or choices is not None
     if multiple and not choices:
@@ -309,7 +372,7 @@ def parse_mathvista(row: dict, ctx: RowContext, index: int) -> EvalItem:
     return EvalItem(
         id=_row_id(row, ("pid", "id"), index),
         question=_text(row, "query") or f"Question: {question}{_options_text(choices)}",
-        answer=_letter_of(answer, choices) if multiple else answer,
+        answer=_letter_of(answer, choices) if multiple and answer else answer,
         image_paths=ctx.images(row, ("decoded_image", "image", "images")),
         choices=choices,
         multiple_choice=multiple,
@@ -317,6 +380,8 @@ def parse_mathvista(row: dict, ctx: RowContext, index: int) -> EvalItem:
         precision=_int(row.get("precision")),
         categories=_categories(task=task, skill=skills),
         judge_question=question + _options_text(choices),
+        choice_rule="mathvista",
+        problem=_problem(row, MATHVISTA_PROBLEM_FIELDS),
     )
 
 
@@ -326,7 +391,7 @@ def parse_mathvista(row: dict, ctx: RowContext, index: int) -> EvalItem:
 def parse_mathverse(row: dict, ctx: RowContext, index: int) -> EvalItem:
     question = _text(row, "question") or ""
     prompt = _text(row, ("query_cot", "question", "query_wo"), "empty_question")
-    answer = _text(row, "answer", "empty_answer")
+    answer = ctx.answer(row, "answer")
     choices = parse_inline_choices(question) or parse_inline_choices(prompt)
     qtype = row.get("question_type")
     multiple = qtype == "multi-choice" if qtype else choices is not None and choice_letter(answer) is not None
@@ -334,7 +399,7 @@ def parse_mathverse(row: dict, ctx: RowContext, index: int) -> EvalItem:
     return EvalItem(
         id=_row_id(row, ("sample_index", "id"), index),
         question=prompt,
-        answer=_truth_letter(answer, choices) if multiple else answer,
+        answer=_truth_letter(answer, choices) if multiple and answer else answer,
         image_paths=ctx.images(row, ("image", "images"), required=False),  # Text Only has none
         choices=choices if multiple else None,
         multiple_choice=multiple,
@@ -345,19 +410,21 @@ def parse_mathverse(row: dict, ctx: RowContext, index: int) -> EvalItem:
 
 
 @register("mmmath", ("id", "question", "answer", "solution", "image", "images", "file_name", "difficult",
-                     "difficulty", "level", "year", "grade", "knowledge"))
+                     "difficulty", "level", "year", "grade", "knowledge"), hub_files=True)
 def parse_mmmath(row: dict, ctx: RowContext, index: int) -> EvalItem:
     question = _text(row, "question", "empty_question")
     answer = _text(row, "answer")
-    if answer is None:
-        solution = _text(row, "solution") or ""
-        answer = (last_boxed_content(solution) or "").strip()
-        if not answer:
-            raise SkipRow("empty_answer", "no 'answer' and no \\boxed{} in 'solution'")
+    parts = [answer] if answer is not None else \
+        [p.strip() for p in all_boxed_contents(_text(row, "solution") or "") if p.strip()]
+    if not parts and ctx.answers_required:
+        raise SkipRow("empty_answer", "no 'answer' and no \\boxed{} in 'solution'")
     return EvalItem(
         id=_row_id(row, ("id", "file_name"), index),
         question=question,
-        answer=answer,
+        answer=", ".join(parts),
+        answer_parts=parts,
+        answer_type="boxes",
+        tolerance=MMMATH_TOLERANCE,
         image_paths=ctx.images(row, ("images", "image", "file_name")),
         categories=_categories(
             difficulty=_values(_text(row, ("difficult", "difficulty", "level"))),
@@ -368,20 +435,27 @@ def parse_mmmath(row: dict, ctx: RowContext, index: int) -> EvalItem:
     )
 
 
+def _dynamath_aliases(split: str) -> tuple[str, ...]:
+    """``sample_variant3`` is stored as ``data/sample3-*.parquet``."""
+    return (f"sample{split[len('sample_variant'):]}",) if split.startswith("sample_variant") else ()
+
+
 @register("dynamath", ("id", "qid", "varid", "question", "image", "decoded_image", "ground_truth", "answer",
-                       "answer_type", "subject", "knowledge_level", "level"))
+                       "answer_type", "subject", "knowledge_level", "level"),
+          default_split=DYNAMATH_SPLITS, split_aliases=_dynamath_aliases)
 def parse_dynamath(row: dict, ctx: RowContext, index: int) -> EvalItem:
     question = _text(row, "question", "empty_question")
-    truth = _text(row, ("ground_truth", "answer"), "empty_answer")
+    truth = ctx.answer(row, ("ground_truth", "answer"))
     answer_type = (_text(row, "answer_type") or "free form").lower()
     multiple = answer_type == "multiple choice"
     choices = parse_inline_choices(question) if multiple else None
-    base_id = _row_id(row, ("id", "qid"), index)
-    variant = _text(row, "varid")
+    base_id = _row_id(row, ("qid", "id"), index)
+    split = str(row.get(SPLIT_KEY) or "")
+    variant = _text(row, "varid") or (split[len("sample_variant"):] if split.startswith("sample_variant") else None)
     return EvalItem(
         id=f"{base_id}-v{variant}" if variant else base_id,
         question=question,
-        answer=_truth_letter(truth, choices) if multiple else truth,
+        answer=_truth_letter(truth, choices) if multiple and truth else truth,
         image_paths=ctx.images(row, ("decoded_image", "image", "images")),
         choices=choices,
         multiple_choice=multiple,
@@ -391,6 +465,7 @@ def parse_dynamath(row: dict, ctx: RowContext, index: int) -> EvalItem:
                                level=_values(_text(row, ("knowledge_level", "level")))),
         group=_text(row, ("qid", "id")),
         judge_question=question,
+        choice_rule="dynamath",
     )
 
 

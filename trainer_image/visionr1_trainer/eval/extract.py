@@ -31,7 +31,8 @@ from typing import Sequence
 from ..answers import extract_final_answer, last_boxed_content, normalize_answer
 from ..grpo.reward import answer_block
 
-__all__ = ["answer_text", "extract_answer", "option_letter", "parse_inline_choices", "parse_number"]
+__all__ = ["answer_text", "closest_option", "dynamath_letter", "edit_distance", "extract_answer", "named_letter", "option_letter",
+           "parse_inline_choices", "parse_number"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,13 @@ _CHOICES_HEADER = re.compile(r"(?:choices|options)\s*[:：]", re.IGNORECASE)
 _LINE_OPTION = re.compile(r"^[ \t]*\(?([A-H])\)?[ \t]*[:：.)][ \t]*", re.MULTILINE)
 # Options inline: "(A) red (B) green".
 _PAREN_OPTION = re.compile(r"\(([A-H])\)[ \t]*")
+# A capital letter leading an option's text, as a model copies an option it cannot see
+# listed (MathVerse Vision Only): "C: √{3}", "C. \sqrt{3}", "(C) 2", "C) 2", "C:2".
+_LETTER_THEN_TEXT = re.compile(r"(?:\(([A-H])\)|([A-H])\s*[.:：)])\s*\S")
+# MathVista's scorer: the first "(X)" in the extraction is the letter.
+_PAREN_LETTER = re.compile(r"\(([a-zA-Z])\)")
+# Longest text compared by edit distance (quadratic in length; options are short).
+_EDIT_DISTANCE_CAP = 256
 
 
 def extract_answer(completion: str, choices: list[str] | None = None) -> str | None:
@@ -188,3 +196,69 @@ def parse_inline_choices(question: str) -> list[str] | None:
         options.append(region[marks[-1].end():].split("\n", 1)[0])
         return [option.strip() for option in options]
     return None
+
+
+def named_letter(text: str, count: int = 8) -> str | None:
+    """The option letter ``text`` names when the options are not known (they are inside the
+    image): a letter alone (``C``, ``(c)``), a capital letter leading an option's text
+    (``C: √{3}``, ``C. \\sqrt{3}``), ``option C``, or ``the answer is C``. None otherwise."""
+    text = normalize_answer(text)
+    for candidate in (text, _after_answer_phrase(text)):
+        if not candidate:
+            continue
+        if (match := _BARE_LETTER.fullmatch(candidate)) is not None:
+            found = match.group(1).upper()
+        elif (match := _LETTER_THEN_TEXT.match(candidate)) is not None:
+            found = match.group(1) or match.group(2)
+        elif (match := _NAMED_LETTER.fullmatch(candidate)) is not None:
+            found = match.group(1).upper()
+        else:
+            continue
+        return found if LETTERS.index(found) < count else None
+    return None
+
+
+def _after_answer_phrase(text: str) -> str | None:
+    """The text after the last "answer is"/"answer:" in ``text`` (``The answer is B``)."""
+    last = None
+    for last in _ANSWER_PHRASE.finditer(text):
+        pass
+    return None if last is None else normalize_answer(text[last.end():])
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance (insertions, deletions, substitutions), each side cut to
+    ``_EDIT_DISTANCE_CAP`` characters so a long completion stays cheap."""
+    a, b = a[:_EDIT_DISTANCE_CAP], b[:_EDIT_DISTANCE_CAP]
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i]
+        for j, cb in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        previous = current
+    return previous[-1]
+
+
+def closest_option(text: str, choices: Sequence[str]) -> str | None:
+    """MathVista's fallback for an extraction that names no option: the first ``(X)`` in it
+    is the letter; else the answer after "the answer is"; else the option closest to the
+    text by edit distance (the first on ties), as its ``calculate_score.py`` does."""
+    count = min(len(choices), len(LETTERS))
+    if count == 0 or not isinstance(text, str):
+        return None
+    if (match := _PAREN_LETTER.search(text)) is not None and LETTERS.index(match.group(1).upper()) < count:
+        return match.group(1).upper()
+    tail = _after_answer_phrase(text)
+    if tail:
+        letter = option_letter(tail, choices)
+        if letter is not None:
+            return letter
+    distances = [edit_distance(text.strip(), str(choices[i])) for i in range(count)]
+    return LETTERS[distances.index(min(distances))]
+
+
+def dynamath_letter(text: str, count: int = 5) -> str | None:
+    """DynaMath's rule: the one letter of A-E that the upper-cased answer contains, if one."""
+    upper = text.upper()
+    present = [c for c in LETTERS[: min(count, 5)] if c in upper]
+    return present[0] if len(present) == 1 else None

@@ -27,10 +27,10 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from ..answers import choice_letter, normalize_answer
-from ..grpo.reward import answers_match, check_format
+from ..answers import all_boxed_contents, normalize_answer
+from ..grpo.reward import answer_block, answers_match, check_format
 from .benchmarks import EvalItem
-from .extract import answer_text, extract_answer, parse_number
+from .extract import answer_text, closest_option, dynamath_letter, extract_answer, named_letter, parse_number
 
 __all__ = ["Verdict", "is_correct", "score", "summarize"]
 
@@ -59,15 +59,30 @@ def score(item: EvalItem, completion: str | None) -> Verdict:
     if completion is None:
         return Verdict(None, False, False, False)
     if item.multiple_choice:
-        if item.choices:
-            extracted = extract_answer(completion, item.choices)
-        else:  # options not readable from the question: only a letter can be compared
-            text = answer_text(completion)
-            extracted = choice_letter(text) if text is not None else None
-        return Verdict(extracted, extracted == item.answer, False, check_format(completion))
+        extracted = choice(item, completion)
+        return Verdict(extracted, extracted is not None and extracted == item.answer, False, check_format(completion))
+    if item.answer_parts is not None:  # MM-Math: every boxed part
+        predicted = predicted_parts(completion)
+        correct, timed_out = parts_match(item.answer_parts, predicted, item.tolerance or 0.0)
+        return Verdict(", ".join(predicted) if predicted else None, correct, timed_out, check_format(completion))
     extracted = extract_answer(completion)
     correct, timed_out = is_correct(item, extracted)
     return Verdict(extracted, correct, timed_out, check_format(completion))
+
+
+def choice(item: EvalItem, completion: str) -> str | None:
+    """The option letter a completion chooses, with the benchmark's own fallbacks."""
+    text = answer_text(completion)
+    if text is None:
+        return None
+    if not item.choices:  # the options are inside the image (MathVerse Vision Only)
+        return named_letter(text)
+    letter = extract_answer(completion, item.choices)
+    if letter is None and item.choice_rule == "mathvista":
+        letter = closest_option(text, item.choices)
+    elif letter is None and item.choice_rule == "dynamath":
+        letter = dynamath_letter(text, len(item.choices))
+    return letter
 
 
 def _float(text: str) -> float | None:
@@ -90,8 +105,100 @@ def is_correct(item: EvalItem, extracted: str | None) -> tuple[bool, bool]:
                 return abs(value - target) <= item.tolerance + 1e-12, False
             if item.answer_type == "float" and item.precision is not None:
                 return round(value, item.precision) == round(target, item.precision), False
+            if item.answer_type == "integer" and item.choice_rule == "mathvista":
+                # MathVista's scorer: str(int(float(extraction))) == answer (truncation)
+                return math.isfinite(value) and int(value) == target, False
             return value == target, False
+    if item.choice_rule == "dynamath" and item.answer_type == "text":
+        # DynaMath's text rule: the answer (any case) is part of the ground truth
+        folded = normalize_answer(extracted).casefold()
+        if folded and folded in truth.casefold():
+            return True, False
     return answers_match(extracted, truth)
+
+
+# --- MM-Math: every boxed part ---------------------------------------------------------------
+
+# MM-Math's judge drops these before comparing (units of length, degree marks, delimiters).
+_MMMATH_DROP = ("\\left", "\\right", "^\\circ", "^{\\circ}", "°", "$", "\\,", "\\text{cm}^2", "\\text{cm}",
+                "\\text{ cm}", "cm^{2}", "cm", "厘米")
+_MMMATH_REPLACE = {"，": ",", "（": "(", "）": ")", "＋": "+", "\\infty": "oo"}
+_CJK = re.compile(r"[\u4e00-\u9fff]+")
+
+
+def predicted_parts(completion: str) -> list[str]:
+    """The parts a completion answers: the boxes of its ``<answer>`` block, else every box
+    of the completion (MM-Math's judge reads all of them), else its extracted answer."""
+    block = answer_block(completion)
+    boxes = all_boxed_contents(block) if block is not None else []
+    if not boxes:
+        boxes = all_boxed_contents(completion)
+    if not boxes:
+        text = answer_text(completion)
+        boxes = [text] if text else []
+    return [p for p in (_mmmath_clean(b) for b in _split_parts(boxes)) if p]
+
+
+def _split_parts(boxes: list[str]) -> list[str]:
+    """Boxes joined and split at commas outside brackets, ``\\pm`` as two parts (MM-Math)."""
+    parts: list[str] = []
+    for box in boxes:
+        depth, start = 0, 0
+        for i, char in enumerate(box):
+            if char in "([{":
+                depth += 1
+            elif char in ")]}":
+                depth -= 1
+            elif char in ",，" and depth == 0:
+                parts.append(box[start:i])
+                start = i + 1
+        parts.append(box[start:])
+    out = []
+    for part in parts:
+        if "\\pm" in part:
+            out += [part.replace("\\pm", "+"), part.replace("\\pm", "-")]
+        else:
+            out.append(part)
+    return out
+
+
+def _mmmath_clean(text: str) -> str:
+    for old, new in _MMMATH_REPLACE.items():
+        text = text.replace(old, new)
+    for drop in _MMMATH_DROP:
+        text = text.replace(drop, "")
+    if not _CJK.fullmatch(text.strip()):
+        text = _CJK.sub("", text)
+    return normalize_answer(text.strip().strip(",.:;=`，。"))
+
+
+def _part_equal(truth: str, predicted: str, tolerance: float) -> tuple[bool, bool]:
+    if truth == predicted:
+        return True, False
+    value, target = _float(predicted), _float(truth)
+    if value is not None and target is not None:
+        # the judge also accepts a percentage written as a fraction and the reverse
+        return any(abs(t - value) <= tolerance * 1.01 for t in (target, target / 100, target * 100)), False
+    return answers_match(predicted, truth)
+
+
+def parts_match(truth: list[str], predicted: list[str], tolerance: float) -> tuple[bool, bool]:
+    """``(correct, timed_out)``: as many parts as the ground truth, each matched by one
+    predicted part in any order (numbers within ``tolerance``, else math-verify)."""
+    wanted = [p for p in (_mmmath_clean(b) for b in _split_parts(truth)) if p]
+    if not wanted or len(wanted) != len(predicted):
+        return False, False
+    left, timed_out = list(predicted), False
+    for part in wanted:
+        for i, candidate in enumerate(left):
+            equal, slow = _part_equal(part, candidate, tolerance)
+            timed_out = timed_out or slow
+            if equal:
+                del left[i]
+                break
+        else:
+            return False, timed_out
+    return True, False
 
 
 # --- a unit's summary ------------------------------------------------------------------------

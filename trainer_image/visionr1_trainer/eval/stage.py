@@ -31,7 +31,7 @@ import logging
 import re
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,23 @@ LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 SCORING_THREADS = 4
 # Room left in the termination message for the stage name, attempt and JSON framing.
 COMPACT_LIMIT = TERMINATION_MESSAGE_LIMIT - 512
+# What the cold-start data teaches (``data.formats.RESPONSE_TEMPLATE``), said in words, for
+# models that never learned it (``eval.formatInstructionFor``).
+FORMAT_INSTRUCTION = ("First think through the problem step by step inside <think> </think>, then give the final "
+                      "answer inside <answer> </answer>, written as: <answer> Final Answer: your answer </answer>")
+# Of a failed benchmark's error in the status summary, and of the stage's error message:
+# with COMPACT_LIMIT the termination message stays under Kubernetes' 4096 bytes.
+ERROR_CHARS = 300
+
+
+class BenchmarksFailed(Exception):
+    """Some benchmarks could not be read or scored; the others were. ``summary`` is the
+    stage's compact summary (every score, each failed benchmark's error): the
+    termination message carries it, so status shows the scores beside the failure."""
+
+    def __init__(self, message: str, summary: dict[str, Any]):
+        super().__init__(message)
+        self.summary = summary
 
 
 @dataclass(frozen=True)
@@ -75,6 +92,31 @@ class Unit:
     def records_file(self) -> str:
         return f"records-{self.name}.jsonl"
 
+    @property
+    def submission_file(self) -> str:
+        """The predictions in the benchmark's submission format (``predictionsOnly``)."""
+        return f"submission-{self.name}.json"
+
+
+def submission(fmt: str, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """A predictions file as the benchmark's scorer reads one: ``{pid: {the problem's fields,
+    "response", "extraction"}}`` (MathVista's ``output_*.json``, which its test server and
+    ``calculate_score.py`` take). A multiple-choice extraction is the chosen option's text.
+    Other formats get the same layout with their own ids."""
+    out: dict[str, Any] = {}
+    for record in records:
+        problem = dict(record.get("problem") or {})
+        extraction = record.get("extracted")
+        choices = record.get("choices") or problem.get("choices")
+        if extraction and choices and len(extraction) == 1 and "A" <= extraction <= "Z" \
+                and ord(extraction) - ord("A") < len(choices):
+            extraction = choices[ord(extraction) - ord("A")]
+        key = str(problem.get("pid") or record["id"])
+        if fmt == "mathvista":
+            problem.pop("answer", None)  # withheld on test; the server holds it
+        out[key] = {**problem, "response": record.get("completion") or "", "extraction": extraction or ""}
+    return out
+
 
 def plan_units(config: EvalStageConfig) -> list[Unit]:
     """Every (benchmark, label) pair, model-major; bad labels and names are ValueErrors."""
@@ -85,6 +127,8 @@ def plan_units(config: EvalStageConfig) -> list[Unit]:
     wanted = config.eval.benchmarks
     problems += [f"eval.benchmarks: {name!r} is not in benchmarks ({', '.join(names)})"
                  for name in wanted if name not in names]
+    problems += [f"eval.formatInstructionFor: {label!r} is not a model label ({', '.join(config.models)})"
+                 for label in config.eval.format_instruction_for if label not in config.models]
     chosen = [b for b in config.benchmarks if not wanted or b.name in wanted]
     units = [Unit(b, label) for label in config.models for b in chosen]
     seen: dict[str, Unit] = {}
@@ -113,9 +157,19 @@ def unit_seed(unit: Unit) -> int:
     return zlib.crc32(unit.benchmark.name.encode()) % 1_000_000
 
 
+def with_format_instruction(items: list[EvalItem]) -> list[EvalItem]:
+    """The items with ``FORMAT_INSTRUCTION`` after each prompt (``eval.formatInstructionFor``)."""
+    return [replace(item, question=f"{item.question.rstrip()}\n\n{FORMAT_INSTRUCTION}") for item in items]
+
+
 def evaluate_unit(items: list[EvalItem], sampler: Sampler, settings: EvalSettings, judge: Judge | None,
-                  seed: int) -> list[dict[str, Any]]:
-    """Sample, score (rules, then the judge) and record every item of one unit."""
+                  seed: int, predictions_only: bool = False) -> list[dict[str, Any]]:
+    """Sample, score (rules, then the judge) and record every item of one unit.
+
+    ``predictions_only``: the answers are withheld; no judge runs and ``correct`` is False.
+    """
+    if predictions_only:
+        judge = None
     # Greedy decoding would only repeat itself: retries need sampling.
     retries = settings.max_retries if settings.temperature > 0 else 0
     samples, attempts = sample_with_retries(sampler.generate, items, retries, seed)
@@ -143,6 +197,7 @@ def evaluate_unit(items: list[EvalItem], sampler: Sampler, settings: EvalSetting
             "error": sample.error,
             "categories": item.categories,
             "group": item.group,
+            **({"problem": item.problem} if predictions_only and item.problem is not None else {}),
         }
         for item, sample, tries, verdict, judgment in zip(items, samples, attempts, verdicts, judged)
     ]
@@ -176,17 +231,28 @@ class Benchmarks:
 
     def __init__(self, config: EvalStageConfig):
         self.config = config
-        self._loaded: dict[str, tuple[list[EvalItem], dict]] = {}
+        self._loaded: dict[str, tuple[list[EvalItem], dict] | Exception] = {}
 
     def get(self, spec: BenchmarkSpec) -> tuple[list[EvalItem], dict]:
-        """``(items, what was read: source, rows, kept, skipped by reason)``."""
+        """``(items, what was read: source, rows, kept, skipped by reason)``; a benchmark that
+        cannot be read raises the same error for every model (it is read once)."""
         if spec.name not in self._loaded:
-            result = load_benchmark(spec, self.config.storage)
-            if not result.items:
-                raise RuntimeError(f"benchmark {spec.name!r}: no usable rows in {spec.data.source} "
-                                   f"(read {result.rows_read}, skipped {dict(result.skipped)})")
-            self._loaded[spec.name] = (result.items, result.summary())
-        return self._loaded[spec.name]
+            try:
+                result = load_benchmark(spec, self.config.storage)
+                if not result.items:
+                    hint = (" (for a split whose answers are withheld, such as MathVista test, set "
+                            "predictionsOnly: true)" if result.skipped.get("empty_answer") else "")
+                    raise RuntimeError(f"no usable rows{hint} in {spec.data.source} (read {result.rows_read}, "
+                                       f"skipped {dict(result.skipped)})")
+                self._loaded[spec.name] = (result.items, result.summary())
+            except StageStopped:
+                raise
+            except Exception as exc:  # noqa: BLE001 - recorded, the other benchmarks go on
+                self._loaded[spec.name] = exc
+        loaded = self._loaded[spec.name]
+        if isinstance(loaded, Exception):
+            raise loaded
+        return loaded
 
 
 def load_sampler(config: EvalStageConfig, label: str, work: Path) -> tuple[Sampler, str]:
@@ -225,7 +291,16 @@ def evaluate(config: EvalStageConfig, work: Path, metrics: StageMetrics) -> dict
             try:
                 for unit in todo:
                     _check_stop(scores, units)
-                    scores[unit.name] = run_unit(config, unit, sampler, benchmarks, judge, ckpt, model_dir)
+                    try:
+                        scores[unit.name] = run_unit(config, unit, sampler, benchmarks, judge, ckpt, model_dir)
+                    except (StageStopped, KeyboardInterrupt):
+                        raise
+                    except Exception as exc:  # noqa: BLE001 - a benchmark fails alone
+                        message = f"{type(exc).__name__}: {exc}"
+                        log.error("%s: failed, the other benchmarks go on: %s", unit.name, message)
+                        metrics.event("unit_failed", unit=unit.name, error=message[:1000])
+                        scores[unit.name] = {"error": message[:2000], "accuracy": None, "n": 0}
+                        continue
                     metrics.log(len(scores), metric_values(unit, scores[unit.name]))
             finally:
                 sampler.close()
@@ -233,18 +308,31 @@ def evaluate(config: EvalStageConfig, work: Path, metrics: StageMetrics) -> dict
     compact = compact_summary(units, scores, uri)
     ckpt.store.put_json("summary.json", compact)
     metrics.event("end", results=uri)
+    failed = sorted({u.benchmark.name for u in units if scores[u.name].get("error")})
+    if failed:
+        first = next(scores[u.name]["error"] for u in units if scores[u.name].get("error"))
+        raise BenchmarksFailed(f"benchmark(s) {', '.join(failed)} failed, the others are scored: "
+                               f"{first}"[:ERROR_CHARS], compact)
     return compact
 
 
 def run_unit(config: EvalStageConfig, unit: Unit, sampler: Sampler, benchmarks: Benchmarks, judge: Judge | None,
              ckpt: CheckpointManager, model_dir: str) -> dict:
     items, read = benchmarks.get(unit.benchmark)
-    log.info("%s: scoring %d items", unit.name, len(items))
-    records = evaluate_unit(items, sampler, config.eval, judge, unit_seed(unit))
-    summary = summarize(records, judge_ran=judge is not None)
+    if unit.label in config.eval.format_instruction_for:
+        items = with_format_instruction(items)
+    predictions_only = unit.benchmark.predictions_only
+    log.info("%s: %s %d items", unit.name, "predicting" if predictions_only else "scoring", len(items))
+    records = evaluate_unit(items, sampler, config.eval, judge, unit_seed(unit), predictions_only)
+    summary = summarize(records, judge_ran=judge is not None and not predictions_only)
+    if predictions_only:  # nothing to score against: only the answered and format rates mean anything
+        summary = {k: v for k, v in summary.items() if k not in ("correct", "judgedAccuracy", "worstCaseAccuracy",
+                                                                   "questions", "judgeFailures")}
+        summary.update(accuracy=None, predictionsOnly=True,
+                       categories={name: {"n": c["n"]} for name, c in summary["categories"].items()})
     summary.update(data=read, model=model_dir)
     commit_unit(ckpt, unit, records, summary)
-    log.info("%s: accuracy %.4f on %d (format failures %.3f, retries %d)", unit.name, summary["accuracy"],
+    log.info("%s: accuracy %s on %d (format failures %.3f, retries %d)", unit.name, summary["accuracy"],
              summary["n"], summary["formatFailureRate"], summary["retries"])
     return summary
 
@@ -268,7 +356,14 @@ def commit_results(config: EvalStageConfig, ckpt: CheckpointManager, units: list
         # Not key-sorted: benchmarks and models stay in the order the config gives them.
         (directory / "summary.json").write_text(json.dumps(summary, indent=1))
         for unit in units:
-            (directory / unit.records_file).write_bytes(ckpt.store.open_file(unit.artifact, "records.jsonl"))
+            if scores[unit.name].get("error"):
+                continue  # failed: nothing was committed (a retry runs it again)
+            records = ckpt.store.open_file(unit.artifact, "records.jsonl")
+            (directory / unit.records_file).write_bytes(records)
+            if unit.benchmark.predictions_only:
+                lines = [json.loads(line) for line in records.decode("utf-8").splitlines() if line.strip()]
+                (directory / unit.submission_file).write_text(
+                    json.dumps(submission(unit.benchmark.format, lines), indent=1, ensure_ascii=False))
 
     return ckpt.commit(RESULTS, write, {"stage": config.stage, "units": len(units)})
 
@@ -290,10 +385,14 @@ def compact_summary(units: list[Unit], scores: dict[str, dict], uri: str, limit:
     def build(form) -> dict:
         return {"benchmarks": _table(units, lambda unit: form(scores[unit.name])), "artifactUri": uri}
 
+    def failed(s: dict) -> dict | None:
+        return {"error": s["error"][:ERROR_CHARS], "accuracy": None, "n": 0} if s.get("error") else None
+
     forms = [
-        lambda s: {k: s[k] for k in ("accuracy", "judgedAccuracy", "n") if s.get(k) is not None},
-        lambda s: {"accuracy": s["accuracy"], "n": s["n"]},
-        lambda s: [s["accuracy"], s["n"]],
+        lambda s: failed(s) or {k: s[k] for k in ("accuracy", "judgedAccuracy", "worstCaseAccuracy", "n")
+                                if s.get(k) is not None},
+        lambda s: failed(s) or {"accuracy": s["accuracy"], "n": s["n"]},
+        lambda s: {"error": s["error"][:80]} if s.get("error") else [s["accuracy"], s["n"]],
     ]
     for form in forms:
         compact = build(form)
