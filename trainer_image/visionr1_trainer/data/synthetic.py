@@ -9,6 +9,9 @@ Nothing can be downloaded in the tests or the local demo, so they use these task
 * ``bar``: a bar chart on a unit grid; "What is the value of the tallest bar?" (numeric).
 * ``angle``: two rays from a vertex; the angle's measure in degrees (multiple choice).
 * ``length``: a segment on a unit grid; its length (numeric).
+* ``largest``: two shapes; "Which color is the largest shape?" (fixed choices as for
+  ``color``). Its teacher reflects at varied length and is less often right on long
+  chains (``data.reflect``): the task of the demo and of the ablation (bench/ablation.py).
 
 Every sample is a pure function of ``(seed, split, index)``, so a generated set is the
 same byte for byte on every machine. Each sample carries its ``scene`` (the ground
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from . import reflect
 from .formats import bridge_row, cold_row, format_response, rl_row, write_rows
 
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -35,7 +39,7 @@ COLOR_CHOICES = ["red", "green", "blue", "yellow"]  # fixed order: the letter fo
 SHAPES = ["circle", "square", "triangle"]
 LETTERS = "ABCDE"
 ANGLES = [30, 45, 60, 90, 120, 135, 150]
-TASKS = ("color", "count", "bar", "angle", "length")
+TASKS = ("color", "count", "bar", "angle", "length")  # the default mix of ``generate``
 DEFAULT_IMAGE_SIZE = 56  # the tiny model's image side: 4 image tokens
 
 
@@ -168,7 +172,7 @@ def make_length(rng: random.Random, size: int):
 
 MAKERS: dict[str, Callable] = {
     "color": make_color, "count": make_count, "bar": make_bar, "angle": make_angle,
-    "length": make_length,
+    "length": make_length, "largest": reflect.make_largest,
 }
 
 
@@ -202,6 +206,8 @@ def teacher_description(scene: dict[str, Any]) -> str:
     if task == "length":
         return (f"A {scene['orientation']} red segment on a grid of unit squares spans "
                 f"{scene['length']} squares.")
+    if task == "largest":
+        return reflect.describe_largest(scene)
     raise ValueError(f"unknown synthetic task {task!r}")
 
 
@@ -215,7 +221,11 @@ def teacher_pseudo_cot(scene: dict[str, Any], answer: str) -> str:
 
 
 def teacher_reasoning(scene: dict[str, Any]) -> tuple[str, str]:
-    """(reasoning with self-checks, final answer) derived from the scene (bridging step 3)."""
+    """(reasoning with self-checks, final answer) derived from the scene (bridging step 3).
+
+    Right for every task but ``largest``, whose teacher may talk itself out of the
+    right answer (``data.reflect``); the bridge's answer filter drops those.
+    """
     return _REASONERS[scene["task"]](scene)
 
 
@@ -264,7 +274,7 @@ def _reason_length(scene):
 
 _REASONERS: dict[str, Callable] = {
     "color": _reason_color, "count": _reason_count, "bar": _reason_bar,
-    "angle": _reason_angle, "length": _reason_length,
+    "angle": _reason_angle, "length": _reason_length, "largest": reflect.reason_largest,
 }
 
 
@@ -297,7 +307,8 @@ def generate(out_dir: str | Path, n: int, seed: int = 0, tasks: Sequence[str] = 
 
     Tasks take turns (sample ``i`` is ``tasks[i % len(tasks)]``). Written under
     ``out_dir``: ``images/``, ``bridge-source``, ``cold-start`` (with the rule-based
-    teacher's reasoning), ``rl`` (all three over the same training samples) and ``eval``
+    teacher's reasoning, where it is right), ``rl`` (all three over the same training
+    samples) and ``eval``
     (RL format, a disjoint split), each as ``.jsonl`` or ``.parquet``.
     """
     if file_format not in ("jsonl", "parquet"):
@@ -315,7 +326,9 @@ def generate(out_dir: str | Path, n: int, seed: int = 0, tasks: Sequence[str] = 
     return SyntheticSet(
         root=root,
         bridge_source=write_rows([_bridge(s, p) for s, p in train], root / f"bridge-source{ext}"),
-        cold_start=write_rows([_cold(s, p) for s, p in train], root / f"cold-start{ext}"),
+        # Only the teacher's right answers, as the bridge's answer filter would keep.
+        cold_start=write_rows([_cold(s, p) for s, p in train
+                               if teacher_reasoning(s.scene)[1] == s.answer], root / f"cold-start{ext}"),
         rl=write_rows([_rl(s, p) for s, p in train], root / f"rl{ext}"),
         eval=write_rows([_rl(s, p) for s, p in test], root / f"eval{ext}"),
         num_train=n,
