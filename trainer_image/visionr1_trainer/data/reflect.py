@@ -57,23 +57,40 @@ SWITCH = (  # a doubt that talks the teacher round
     "Hmm, looking again, the {o} {os} is the bigger one.",
 )
 RATIO = (0.05, 0.45)  # area of the small shape / area of the large one
+AREA = {"square": 1.0, "circle": 0.7854, "triangle": 0.5}  # of the bounding square
 
 
 def make_largest(rng: random.Random, size: int):
-    """(question, answer letter, scene, image) of one ``largest`` problem."""
+    """(question, answer letter, scene, image) of one ``largest`` problem.
+
+    The ratio is of the shapes' true areas (a triangle fills half its box), and the two
+    never overlap, so the larger shape also has more pixels of its colour.
+    """
     from .synthetic import _canvas, _shape
 
     big_color, small_color = rng.sample(COLOR_CHOICES, 2)
     big_shape, small_shape = rng.choice(SHAPES), rng.choice(SHAPES)
+    big = rng.randint(int(size * 0.42), int(size * 0.55))
     ratio = rng.uniform(*RATIO)
-    big = rng.randint(int(size * 0.55), int(size * 0.75))
-    small = max(4, round(big * ratio ** 0.5))
+    small = round((ratio * AREA[big_shape] / AREA[small_shape]) ** 0.5 * big)
+    small = max(4, min(small, size - big - 1))  # side by side, both fit
     img, draw = _canvas(size)
-    bx, by = rng.randint(0, size - big), rng.randint(0, size - big)
-    sx, sy = rng.randint(0, size - small), rng.randint(0, size - small)
+    # Side by side along one axis (in either order), anywhere along the other.
+    lead = rng.randint(0, size - big - small)
+    gap = rng.randint(lead + big, size - small) if rng.random() < 0.5 else None
+    if gap is None:  # small one first
+        s0 = rng.randint(0, size - big - small)
+        b0 = rng.randint(s0 + small, size - big)
+    else:
+        b0, s0 = lead, gap
+    b1, s1 = rng.randint(0, size - big), rng.randint(0, size - small)
+    if rng.random() < 0.5:
+        (bx, by), (sx, sy) = (b0, b1), (s0, s1)
+    else:
+        (bx, by), (sx, sy) = (b1, b0), (s1, s0)
     _shape(draw, big_shape, (bx, by, bx + big - 1, by + big - 1), big_color)
-    # Drawn second, the small shape may lie over the large one: it is still the smaller.
     _shape(draw, small_shape, (sx, sy, sx + small - 1, sy + small - 1), small_color)
+    true_ratio = AREA[small_shape] * small * small / (AREA[big_shape] * big * big)
     choices = " ".join(f"({LETTERS[i]}) {c}" for i, c in enumerate(COLOR_CHOICES))
     question = (f"Which color is the largest shape?\nChoices: {choices}\n"
                 "Answer with the option's letter.")
@@ -81,7 +98,7 @@ def make_largest(rng: random.Random, size: int):
         "task": "largest", "choices": COLOR_CHOICES,
         "large": {"color": big_color, "shape": big_shape, "side": big},
         "small": {"color": small_color, "shape": small_shape, "side": small},
-        "ratio": round(small * small / (big * big), 3),
+        "ratio": round(true_ratio, 3),
     }
     return question, LETTERS[COLOR_CHOICES.index(big_color)], scene, img
 
