@@ -211,7 +211,7 @@ def commit_unit(ckpt: CheckpointManager, unit: Unit, records: list[dict], summar
         (directory / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
 
     return ckpt.commit(unit.artifact, write, {"benchmark": unit.benchmark.name, "label": unit.label,
-                                              "n": summary["n"], "accuracy": summary["accuracy"]})
+                                              "n": summary["n"], "accuracy": summary.get("accuracy")})
 
 
 def metric_values(unit: Unit, summary: dict) -> dict[str, float]:
@@ -282,7 +282,7 @@ def evaluate(config: EvalStageConfig, work: Path, metrics: StageMetrics) -> dict
             if ckpt.store.is_committed(unit.artifact):  # done by an earlier attempt
                 scores[unit.name] = json.loads(ckpt.store.open_file(unit.artifact, "summary.json"))
                 metrics.log(len(scores), metric_values(unit, scores[unit.name]))
-                log.info("%s: committed earlier (accuracy %s), skipped", unit.name, scores[unit.name]["accuracy"])
+                log.info("%s: committed earlier (accuracy %s), skipped", unit.name, scores[unit.name].get("accuracy"))
             else:
                 todo.append(unit)
         if todo:
@@ -299,7 +299,7 @@ def evaluate(config: EvalStageConfig, work: Path, metrics: StageMetrics) -> dict
                         message = f"{type(exc).__name__}: {exc}"
                         log.error("%s: failed, the other benchmarks go on: %s", unit.name, message)
                         metrics.event("unit_failed", unit=unit.name, error=message[:1000])
-                        scores[unit.name] = {"error": message[:2000], "accuracy": None, "n": 0}
+                        scores[unit.name] = {"error": message[:2000], "n": 0}
                         continue
                     metrics.log(len(scores), metric_values(unit, scores[unit.name]))
             finally:
@@ -326,13 +326,13 @@ def run_unit(config: EvalStageConfig, unit: Unit, sampler: Sampler, benchmarks: 
     records = evaluate_unit(items, sampler, config.eval, judge, unit_seed(unit), predictions_only)
     summary = summarize(records, judge_ran=judge is not None and not predictions_only)
     if predictions_only:  # nothing to score against: only the answered and format rates mean anything
-        summary = {k: v for k, v in summary.items() if k not in ("correct", "judgedAccuracy", "worstCaseAccuracy",
-                                                                   "questions", "judgeFailures")}
-        summary.update(accuracy=None, predictionsOnly=True,
+        summary = {k: v for k, v in summary.items() if k not in ("accuracy", "correct", "judgedAccuracy",
+                                                                   "worstCaseAccuracy", "questions", "judgeFailures")}
+        summary.update(predictionsOnly=True,
                        categories={name: {"n": c["n"]} for name, c in summary["categories"].items()})
     summary.update(data=read, model=model_dir)
     commit_unit(ckpt, unit, records, summary)
-    log.info("%s: accuracy %s on %d (format failures %.3f, retries %d)", unit.name, summary["accuracy"],
+    log.info("%s: accuracy %s on %d (format failures %.3f, retries %d)", unit.name, summary.get("accuracy"),
              summary["n"], summary["formatFailureRate"], summary["retries"])
     return summary
 
@@ -385,14 +385,17 @@ def compact_summary(units: list[Unit], scores: dict[str, dict], uri: str, limit:
     def build(form) -> dict:
         return {"benchmarks": _table(units, lambda unit: form(scores[unit.name])), "artifactUri": uri}
 
+    # A failed benchmark has an error and no accuracy; a predictions-only one no accuracy.
     def failed(s: dict) -> dict | None:
-        return {"error": s["error"][:ERROR_CHARS], "accuracy": None, "n": 0} if s.get("error") else None
+        return {"error": s["error"][:ERROR_CHARS], "n": 0} if s.get("error") else None
+
+    def keep(s: dict, keys: tuple[str, ...]) -> dict:
+        return {k: s[k] for k in keys if s.get(k) is not None}
 
     forms = [
-        lambda s: failed(s) or {k: s[k] for k in ("accuracy", "judgedAccuracy", "worstCaseAccuracy", "n")
-                                if s.get(k) is not None},
-        lambda s: failed(s) or {"accuracy": s["accuracy"], "n": s["n"]},
-        lambda s: {"error": s["error"][:80]} if s.get("error") else [s["accuracy"], s["n"]],
+        lambda s: failed(s) or keep(s, ("accuracy", "judgedAccuracy", "worstCaseAccuracy", "n")),
+        lambda s: failed(s) or keep(s, ("accuracy", "n")),
+        lambda s: {"error": s["error"][:80]} if s.get("error") else [s.get("accuracy"), s["n"]],
     ]
     for form in forms:
         compact = build(form)
