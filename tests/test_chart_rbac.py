@@ -33,7 +33,10 @@ CLUSTER_SCOPED = {
     "apiextensions.k8s.io/v1/customresourcedefinitions": dict(kind="CustomResourceDefinition", namespaced=False),
     "kopf.dev/v1/clusterkopfpeerings": dict(kind="ClusterKopfPeering", namespaced=False),
 }
-NAMESPACED = {"kopf.dev/v1/kopfpeerings": dict(kind="KopfPeering", namespaced=True)}
+NAMESPACED = {"kopf.dev/v1/kopfpeerings": dict(kind="KopfPeering", namespaced=True),
+              # Kueue's Workloads: a queued run is suspended through its Job's Workload.
+              "kueue.x-k8s.io/v1beta2/workloads": dict(kind="Workload", namespaced=True)}
+WORKLOADS = "kueue.x-k8s.io/v1beta2/workloads"
 VERBS = {"list", "watch", "get", "create", "patch", "update", "delete"}
 
 
@@ -132,8 +135,26 @@ async def exercise(api: Api, options, namespace: str, peering: dict[str, Any] | 
         await api.wait_for(lambda: api.status("rb", namespace).get("currentStage") == "ptst-1", what="ptst-1 adopted")
         await api.delete(RUNS, namespace, "rb")
         await api.wait_for(lambda: api.get(RUNS, namespace, "rb") is None, what="the run gone")
+        # A queued run suspended and resumed: through its Job's Kueue Workload (list, patch).
+        await api.create(RUNS, run_manifest("rq", namespace, queueName="gpu"))
+        job = await api.wait_job("rq-bridge-1", namespace)
+        await api.create(WORKLOADS, {
+            "apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "Workload",
+            "metadata": {"name": "job-rq-bridge-1-0a1b2", "namespace": namespace,
+                         "labels": {"kueue.x-k8s.io/job-uid": job["metadata"]["uid"]}},
+            "spec": {"queueName": "gpu", "active": True}})
+        await player.suspend_by_queue("rq-bridge-1", False, namespace)  # admitted
+        await api.patch(RUNS, namespace, "rq", {"spec": {"suspend": True}})
+        await api.wait_for(lambda: api.get(WORKLOADS, namespace, "job-rq-bridge-1-0a1b2")["spec"]["active"] is False,
+                           what="the Workload deactivated")
+        await player.suspend_by_queue("rq-bridge-1", True, namespace)  # Kueue evicted it
+        await api.patch(RUNS, namespace, "rq", {"spec": {"suspend": False}})
+        await api.wait_for(lambda: api.get(WORKLOADS, namespace, "job-rq-bridge-1-0a1b2")["spec"]["active"] is True,
+                           what="the Workload active again")
         await asyncio.sleep(0.2)
-    assert sorted(j["metadata"]["name"] for j in api.jobs(namespace)) == ["rb-bridge-1", "rb-ptst-1-1", "rb-sft-1"]
+    assert sorted(j["metadata"]["name"] for j in api.jobs(namespace)) == [
+        "rb-bridge-1", "rb-ptst-1-1", "rb-sft-1", "rq-bridge-1"]
+    assert api.get("batch/v1/jobs", namespace, "rq-bridge-1")["spec"]["suspend"] is True  # never the operator's
 
 
 @pytest.mark.parametrize("mode", ["default", "namespaced", "ha", "ha-namespaced"])

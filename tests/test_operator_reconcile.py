@@ -345,3 +345,24 @@ def test_status_merge_patch():
     before = status_document(sim.status)
     sim.step()
     assert merge_patch(before, status_document(sim.status))["phase"] == "Running"
+
+
+def test_a_queued_run_is_suspended_through_its_kueue_workload_never_its_job():
+    """Issue 14, finding 2: under a queueName Kueue owns the Job's spec.suspend (it starts any
+    suspended Job whose Workload is still admitted), so the operator deactivates the Workload."""
+    sim = Sim(manifest(queueName="gpu-research"))
+    sim.step()
+    sim.set_job("r-bridge-1", "Running")  # admitted by Kueue
+    d = sim.step()
+    assert d.workload_active == {"r-bridge-1": True} and d.suspend_jobs == {}
+    sim.edit(lambda spec: spec.update(suspend=True))
+    d = sim.step()
+    assert d.workload_active == {"r-bridge-1": False} and d.suspend_jobs == {}
+    assert sim.status.phase == "Suspended" and sim.record("bridge").state == "Pending"
+    sim.set_job("r-bridge-1", "Suspended")  # Kueue evicted the deactivated Workload
+    d = sim.step()
+    assert d.workload_active == {"r-bridge-1": False} and d.suspend_jobs == {}
+    sim.edit(lambda spec: spec.update(suspend=False))
+    d = sim.step()
+    assert d.workload_active == {"r-bridge-1": True} and d.suspend_jobs == {}  # Kueue unsuspends it
+    assert sim.record("bridge").failures == 0 and sim.record("bridge").attempts == 1

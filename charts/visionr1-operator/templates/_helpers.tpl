@@ -80,6 +80,11 @@ exactly the calls it makes.
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
+# Under a queueName Kueue owns a Job's spec.suspend: the run's suspend and resume set
+# spec.active on the Job's Kueue Workload instead (found by its job-uid label).
+- apiGroups: [kueue.x-k8s.io]
+  resources: [workloads]
+  verbs: [list, patch]
 {{- if .Values.ha.enabled }}
 {{- if .Values.watchNamespaces }}
 - apiGroups: [kopf.dev]

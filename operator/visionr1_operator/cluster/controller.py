@@ -144,6 +144,8 @@ class RunController:
         self.seen_jobs: dict[str, JobView] = {}  # the Jobs as the last reconcile saw them
         self._created: dict[str, JobView] = {}  # our Jobs that kopf's index has not shown yet
         self._suspends: dict[str, bool] = {}  # suspend patches the index has not shown yet
+        self._workload_active: dict[str, bool] = {}  # Job name -> its Kueue Workload's spec.active, as set
+        self._workload_retry: float | None = None  # a Workload Kueue has not created yet: look again
         self._reports: dict[str, PodReport] = {}
         self._next_scrape = 0.0
         self._errors = 0
@@ -282,6 +284,7 @@ class RunController:
         for name, suspend in decision.suspend_jobs.items():
             await self.kube.set_job_suspend(self.key[0], name, suspend)
             self._suspends[name] = suspend
+        await self._set_workloads_active(decision.workload_active)
         before, document = self.status, status_document(decision.status)
         patch = merge_patch(self._written, document)
         if patch:
@@ -292,6 +295,35 @@ class RunController:
         self.op.metrics.observe_stages(before.stages, decision.status.stages, _duration)
         self._forget_reports(decision.status.stages)
 
+    async def _set_workloads_active(self, wanted: Mapping[str, bool]) -> None:
+        """Suspend or resume a queued run through its Job's Kueue Workload (``spec.active``).
+
+        Each Job's Workload is looked up once per value (then remembered); one Kueue has
+        not created yet is looked for again shortly. Without Kueue's API a suspend falls
+        back to the Job's own field (nothing else would stop it); a resume is left to
+        whatever admits the queue's Jobs.
+        """
+        self._workload_retry = None
+        for name, active in wanted.items():
+            job = self.seen_jobs.get(name) or self._created.get(name)
+            known = self._workload_active.get(name)
+            if known == active or job is None or not job.uid:
+                continue
+            if known is None and active and job.state != "Suspended":
+                continue  # running under Kueue: admitted, so its Workload is active
+            found = await self.kube.set_workload_active(self.key[0], job.uid, active)
+            if found:
+                self._workload_active[name] = active
+            elif found is None:
+                if not active and job.state != "Suspended":
+                    await self.kube.set_job_suspend(self.key[0], name, True)
+                    self._suspends[name] = True
+                self._workload_active[name] = active
+            elif not active:
+                self._workload_retry = 2.0  # created a moment ago: Kueue makes its Workload next
+        for name in [n for n in self._workload_active if n not in self.seen_jobs and n not in self._created]:
+            del self._workload_active[name]
+
     def _forget_reports(self, records: list[StageStatus]) -> None:
         """Keep only the report of an attempt still to be recorded (a retry waiting its turn)."""
         wanted = {r.job_name for r in records if r.state in ("Pending", "Running")}
@@ -300,6 +332,8 @@ class RunController:
 
     def _next_look(self, decision: Decision, jobs: Mapping[str, JobView]) -> float | None:
         delays = [decision.requeue_after] if decision.requeue_after is not None else []
+        if self._workload_retry is not None:
+            delays.append(self._workload_retry)
         current = current_stage(self.status.stages)
         job = jobs.get(current.job_name or "") if current is not None else None
         if job is not None and job.state == "Running":

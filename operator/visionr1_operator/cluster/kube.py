@@ -1,4 +1,5 @@
-"""The operator's own API calls: create-or-adopt, status and suspend patches, pod listing.
+"""The operator's own API calls: create-or-adopt, status and suspend patches, Kueue
+Workload activation, pod listing.
 
 They go through kopf's client, the one the watches use: the same authenticated session
 (re-login on 401, retries with backoff on 429/5xx/connection errors), so the operator
@@ -29,6 +30,8 @@ _PLURALS = {
     ("batch/v1", "Job"): "jobs",
 }
 MERGE_PATCH = {"Content-Type": "application/merge-patch+json"}
+LABEL_JOB_UID = "kueue.x-k8s.io/job-uid"  # Kueue puts it on the Workload it makes for a Job
+KUEUE_VERSIONS = ("v1beta2", "v1beta1")  # v0.15+ serves both; older releases only v1beta1
 
 
 class ForeignObject(Exception):
@@ -102,6 +105,33 @@ class Kube:
             url, payload={"spec": {"suspend": suspend}}, headers=MERGE_PATCH,
             settings=self.settings, logger=self.logger,
         )
+
+    async def set_workload_active(self, namespace: str, job_uid: str, active: bool) -> bool | None:
+        """Set ``spec.active`` on the Kueue Workload of the Job with this UID.
+
+        True once the Workload says ``active``; False when Kueue has not created it yet;
+        None when the API server serves no Kueue Workloads (Kueue is not installed).
+        """
+        selector = quote(f"{LABEL_JOB_UID}={job_uid}")
+        for version in KUEUE_VERSIONS:
+            collection = f"/apis/kueue.x-k8s.io/{version}/namespaces/{namespace}/workloads"
+            self.on_request("list", "Workload")
+            try:
+                listing = await _api.get(f"{collection}?labelSelector={selector}",
+                                         settings=self.settings, logger=self.logger)
+            except NotFound:
+                continue  # this version is not served (an older Kueue), or no Kueue at all
+            items = list(listing.get("items") or [])
+            for workload in items:
+                if (workload.get("spec") or {}).get("active", True) != active:
+                    self.on_request("patch", "Workload")
+                    await _api.patch(
+                        f"{collection}/{workload['metadata']['name']}", payload={"spec": {"active": active}},
+                        headers=MERGE_PATCH, settings=self.settings, logger=self.logger,
+                    )
+                    self.logger.info("Set spec.active=%s on Kueue Workload %s.", active, workload["metadata"]["name"])
+            return bool(items)
+        return None
 
     async def list_job_pods(self, namespace: str, job: str) -> list[dict[str, Any]]:
         """The pods of one Job, selected by the label the Job controller puts on them."""

@@ -45,6 +45,7 @@ class JobView:
     start_time: str | None = None
     finished_at: str | None = None
     config_hash: str | None = None
+    uid: str | None = None  # finds the Job's Kueue Workload (label kueue.x-k8s.io/job-uid)
 
     @property
     def failure_kind(self) -> FailureKind:
@@ -90,6 +91,7 @@ def observe_job(job: Mapping[str, Any]) -> JobView:
         start_time=status.get("startTime"),
         finished_at=finished,
         config_hash=(meta.get("annotations") or {}).get(ANNOTATION_CONFIG_HASH),
+        uid=meta.get("uid"),
     )
 
 

@@ -96,6 +96,8 @@ class Decision:
     status: VisionR1RunStatus
     start: StartAttempt | None = None
     suspend_jobs: dict[str, bool] = field(default_factory=dict)  # Job name -> spec.suspend
+    # Under a queueName: Job name -> its Kueue Workload's spec.active (Kueue owns spec.suspend).
+    workload_active: dict[str, bool] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
     requeue_after: float | None = None  # seconds until a retry is due
 
@@ -304,16 +306,24 @@ def _suspend_or_resume(current: StageStatus | None, run: VisionR1Run, obs: Obser
     """spec.suspend on the run suspends its running Job; false resumes it.
 
     With a queueName, Kueue owns the Job's suspend field: it admits (unsuspends) the Job
-    and may suspend it again to preempt it, which is no failure. The operator suspends a
-    queued Job for the user, but leaves resuming it to Kueue's admission.
+    and may suspend it again to preempt it, which is no failure. Patching the Job would
+    fight Kueue (its job reconciler starts any suspended Job whose Workload is still
+    admitted, and every round kills all pods), so a queued run is suspended through its
+    Workload: ``spec.active: false`` makes Kueue evict it and suspend the Job itself, and
+    ``true`` lets Kueue admit it again. The operator never unsuspends a queued Job.
     """
     job = obs.jobs.get(current.job_name or "") if current is not None else None
     if job is None or job.state in TERMINAL or (out.start and out.start.job_name == job.name):
         return
+    if run.spec.queue_name:
+        out.workload_active[job.name] = not run.spec.suspend
+        if run.spec.suspend:
+            current.state = "Pending"
+        return
     if run.spec.suspend and job.state != "Suspended":
         out.suspend_jobs[job.name] = True
         current.state = "Pending"
-    elif not run.spec.suspend and job.state == "Suspended" and not run.spec.queue_name:
+    elif not run.spec.suspend and job.state == "Suspended":
         out.suspend_jobs[job.name] = False
         current.state = "Running"
 
