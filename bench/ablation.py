@@ -44,6 +44,9 @@ ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "examples" / "ablation"
 ROWS = ("zero", "ci", "long", "ptst", "fixed-short", "ptst-3")
 FROM_CI = ("long", "ptst", "fixed-short", "ptst-3")  # start from the ci row's SFT model
+# Per seed: ci first (the others start from it), zero last (its untrained model writes
+# every rollout to the full budget: the dearest row, and the least informative).
+RUN_ORDER = ("ci", "ptst", "long", "fixed-short", "ptst-3", "zero")
 DEMO_INPUTS = "file://./runs/default/tiny-cpu/inputs"
 CI_MODEL = "file://./runs/default/ablation-ci/sft"
 DEFAULT_OUT = ROOT / "bench" / "results" / "ablation.json"
@@ -183,7 +186,7 @@ def sweep(rows: list[str], seeds: int, out: Path, work: Path, log=print) -> dict
                          "command": " ".join(["bench/ablation.py", *sys.argv[1:]])})
     (work / "logs").mkdir(parents=True, exist_ok=True)
     failures = []
-    order = sorted(rows, key=lambda r: r != "ci")  # ci first: the cold-started rows start from it
+    order = [r for r in RUN_ORDER if r in rows]
     for seed in range(seeds):
         prepare(work / f"seed-{seed}" / "inputs", seed=seed)
         for row in order:
