@@ -75,3 +75,44 @@ def test_teacher_reasoning_self_checks_on_every_task():
 def test_unknown_task_is_named():
     with pytest.raises(ValueError, match="unknown synthetic task 'pie'.*color"):
         make_sample("pie", 0, "train", 0)
+
+
+# --- the largest task (data.reflect): the toy problem of the demo and the ablation ------------
+
+def test_largest_answer_follows_the_pixels():
+    from visionr1_trainer.data.reflect import COLOR_CHOICES
+
+    for i in range(40):
+        s = make_sample("largest", 0, "train", i)
+        pixels = {rgb: n for n, rgb in s.image.getcolors()}
+        large, small = (pixels[COLORS[s.scene[k]["color"]]] for k in ("large", "small"))
+        assert small < 0.5 * large  # the larger shape has more than twice the pixels
+        assert s.answer == "ABCD"[COLOR_CHOICES.index(s.scene["large"]["color"])]
+
+
+def test_largest_teacher_reflects_at_varied_length_and_long_chains_are_less_often_right():
+    from visionr1_trainer.data.reflect import reflection_plan
+
+    by_rounds: dict[int, list[bool]] = {}
+    waits = []
+    for i in range(600):
+        s = make_sample("largest", 0, "train", i)
+        reasoning, answer = teacher_reasoning(s.scene)
+        assert teacher_reasoning(s.scene) == (reasoning, answer)  # a pure function of the scene
+        by_rounds.setdefault(reflection_plan(s.scene)[0], []).append(answer == s.answer)
+        waits.append(reasoning.count("Wait"))
+    assert set(by_rounds) == set(range(6))  # 0..5 rounds of reflection
+    accuracy = {k: sum(v) / len(v) for k, v in by_rounds.items()}
+    assert accuracy[0] == 1.0  # no doubt voiced, never talked round
+    assert accuracy[0] > accuracy[2] > accuracy[4]
+    assert sum(waits) / len(waits) > 1 and max(waits) >= 4
+
+
+def test_largest_cold_start_file_holds_only_the_teachers_right_answers(tmp_path):
+    s = generate(tmp_path, 40, seed=0, tasks=("largest",), n_eval=4)
+    cold = read_cold(DatasetRef(source=str(s.cold_start)))
+    rl = read_rl(DatasetRef(source=str(s.rl)))
+    assert 0 < len(cold.items) < len(rl.items) == 40
+    answers = {e.id: e.answer for e in rl.items}
+    for c in cold.items:
+        assert c.response.endswith(f"<answer> Final Answer:{answers[c.id]} </answer>")

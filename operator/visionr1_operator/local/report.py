@@ -6,6 +6,12 @@ Reads only what the stages committed or logged under the run directory
 eval stage's ``results/summary.json``. Plots, in the manner of the paper's figures:
 reward and completion length per step across the PTST stages, SFT loss, the bridge
 statistics, and the eval table of base, SFT and each PTST stage side by side.
+
+When the eval stage has committed its results, ``report/results.json`` holds each
+model's figures (``{"models": {"base"|"sft"|"ptst-1"|...: {"accuracy",
+"reasoning_tokens", "completion_tokens", "clipped_ratio", ...}}}``, see
+``visionr1_trainer.results``): accuracy on the held-out split and the paper's reasoning
+length, mean tokens inside ``<think>``.
 """
 
 from __future__ import annotations
@@ -213,11 +219,44 @@ table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:
 code{font-size:0.8em}.missing{color:#888}"""
 
 
+RESULTS_FILE = "results.json"
+
+
+def write_results(data: RunData, out: Path) -> dict | None:
+    """``report/results.json`` from the eval stage's records; None when eval has not run."""
+    if data.eval_summary is None:
+        (out / RESULTS_FILE).unlink(missing_ok=True)  # never a stale one from an earlier eval
+        return None
+    from visionr1_trainer.results import ResultsError, run_results
+
+    try:
+        results = run_results(data.directory)
+    except ResultsError as exc:
+        raise ReportError(str(exc)) from None
+    (out / RESULTS_FILE).write_text(json.dumps(results, indent=1) + "\n")
+    return results
+
+
+def _results_html(results: dict | None) -> str:
+    if not results:
+        return ""
+    rows = ["<tr><th>model</th><th>accuracy</th><th>reasoning tokens</th><th>completion tokens</th>"
+            "<th>clipped</th></tr>"]
+    for label, f in results["models"].items():
+        rows.append(f"<tr><td>{html.escape(label)}</td><td>{100 * f['accuracy']:.1f}%</td>"
+                    f"<td>{f['reasoning_tokens']:.1f}</td><td>{f['completion_tokens']:.1f}</td>"
+                    f"<td>{100 * f['clipped_ratio']:.1f}%</td></tr>")
+    return (f"<p>On <code>{html.escape(results['benchmark'])}</code>; reasoning tokens are the mean "
+            f"tokens inside &lt;think&gt; (<a href=\"{RESULTS_FILE}\">{RESULTS_FILE}</a>).</p>"
+            "<table>" + "".join(rows) + "</table>")
+
+
 def write_report(directory: str | Path) -> tuple[Path, dict[str, Path | None]]:
-    """Write ``report/index.html`` and the PNGs; returns the HTML path and the plots."""
+    """Write ``report/index.html``, the PNGs and ``results.json``; returns the HTML path and the plots."""
     data = load_run_data(directory)
     out = data.directory / "report"
     out.mkdir(exist_ok=True)
+    results = write_results(data, out)
     plots = {
         "ptst": plot_ptst(data, out), "sft": plot_sft(data, out),
         "bridge": plot_bridge(data, out), "eval": plot_eval(data, out),
@@ -226,7 +265,7 @@ def write_report(directory: str | Path) -> tuple[Path, dict[str, Path | None]]:
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Vision-R1 run {html.escape(name)}</title>
 <style>{STYLE}</style></head><body>
 <h1>Vision-R1 run <code>{html.escape(name)}</code>: {data.status.phase}</h1>
-<h2>Evaluation</h2>{_eval_html(data)}{_img(plots["eval"], "eval")}
+<h2>Evaluation</h2>{_eval_html(data)}{_results_html(results)}{_img(plots["eval"], "eval")}
 <h2>PTST (GRPO) stages</h2>{_img(plots["ptst"], "PTST")}
 <h2>Cold-start SFT</h2>{_img(plots["sft"], "SFT loss")}
 <h2>Modality Bridging data</h2>{_img(plots["bridge"], "bridge statistics")}

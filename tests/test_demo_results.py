@@ -1,0 +1,83 @@
+"""The demo's figures: results.json from the eval records, and the same seed gives the same figures."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from rich.console import Console
+
+from visionr1_trainer.models.tiny import build_tokenizer
+from visionr1_trainer.results import ResultsError, model_figures, reasoning_text, run_results
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_reasoning_text_is_inside_think_even_when_cut_off():
+    assert reasoning_text("<think>a b</think><answer> Final Answer:A </answer>") == "a b"
+    assert reasoning_text("<think>a b c") == "a b c"  # clipped by the budget: counts to the end
+    assert reasoning_text("Final Answer:A") == ""
+
+
+def test_figures_count_think_tokens_with_the_models_tokenizer(tmp_path):
+    tok = build_tokenizer()
+    records = [
+        {"completion": "<think>Wait, let me check.</think><answer> Final Answer:A </answer>", "tokens": 12,
+         "truncated": False},
+        {"completion": "<think>Wait, wait", "tokens": 20, "truncated": True},
+    ]
+    figures = model_figures(records, {"accuracy": 0.5, "formatFailureRate": 0.5}, tok)
+    think = [len(tok("Wait, let me check.", add_special_tokens=False)["input_ids"]),
+             len(tok("Wait, wait", add_special_tokens=False)["input_ids"])]
+    assert figures == {"accuracy": 0.5, "reasoning_tokens": sum(think) / 2, "completion_tokens": 16.0,
+                       "clipped_ratio": 0.5, "n": 2, "format_failure_rate": 0.5}
+
+
+def test_a_run_without_eval_results_says_so(tmp_path):
+    with pytest.raises(ResultsError, match="no eval results"):
+        run_results(tmp_path)
+
+
+def micro_manifest(tmp: Path, inputs: Path, name: str) -> Path:
+    """examples/tiny-cpu.yaml at a few steps per stage (the demo's settings otherwise)."""
+    doc = yaml.safe_load((ROOT / "examples" / "tiny-cpu.yaml").read_text())
+    doc["metadata"]["name"] = name
+    spec = doc["spec"]
+    spec["model"]["name"] = f"file://{inputs}/base-model"
+    spec["storage"]["uri"] = f"file://{tmp}/runs"
+    spec["data"]["bridgeSource"]["source"] = f"file://{inputs}/bridge-source.jsonl"
+    spec["data"]["rl"]["source"] = f"file://{inputs}/rl.jsonl"
+    spec["data"]["benchmarks"][0]["data"]["source"] = f"file://{inputs}/eval.jsonl"
+    stages = spec["stages"]
+    stages["sft"].update(epochs=1)
+    stages["ptst"] = [{"maxCompletionLength": 24, "numGenerations": 4, "steps": 2},
+                      {"maxCompletionLength": 48, "numGenerations": 2, "steps": 1}]
+    stages["eval"].update(maxTokens=48)
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_same_seed_same_figures(tmp_path):
+    from visionr1_operator.local.display import RichDisplay
+    from visionr1_operator.local.executor import execute, run_dir, with_local_storage
+    from visionr1_operator.local.report import write_report
+    from visionr1_operator.manifest import load_run
+    from visionr1_trainer.demo import prepare
+
+    inputs = prepare(tmp_path / "inputs", n=24, seed=0, n_eval=8)
+    figures = []
+    for name in ("first", "second"):
+        run = with_local_storage(load_run(micro_manifest(tmp_path, inputs, name)), None)
+        assert execute(run, RichDisplay(Console(file=io.StringIO(), width=120)), metrics_port=0) == 0
+        write_report(run_dir(run))
+        figures.append(json.loads((run_dir(run) / "report" / "results.json").read_text()))
+    assert list(figures[0]["models"]) == ["base", "sft", "ptst-1", "ptst-2"]
+    for f in figures[0]["models"].values():
+        assert 0 <= f["accuracy"] <= 1 and f["completion_tokens"] > 0 and f["n"] == 8
+    assert figures[0] == figures[1]
