@@ -79,6 +79,14 @@ def test_a_benchmark_that_cannot_be_read_fails_alone(tmp_path, scripted):
     assert "split 'test'" in results["benchmarks"]["mmmath"]["base"]["error"]
     assert results["benchmarks"]["mathvista"]["base"]["accuracy"] == 1.0
     assert store.is_committed("units/mathvista-base") and not store.is_committed("units/mmmath-base")
+    # the run's figures (results.py, the local report) skip the failed benchmark
+    from visionr1_trainer import results as run_figures
+
+    fake = lambda text, add_special_tokens=False: {"input_ids": text.split()}  # noqa: E731
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(run_figures, "_tokenizer", lambda model_dir, cache: fake)
+        figures = run_figures.run_results(tmp_path / "store" / "default" / "t")
+    assert list(figures["benchmarks"]) == ["mathvista"] and figures["models"]["base"]["accuracy"] == 1.0
 
 
 def test_the_termination_message_carries_the_scores_and_the_failure(tmp_path, scripted, monkeypatch):

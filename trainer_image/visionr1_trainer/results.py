@@ -73,6 +73,8 @@ def run_results(run_dir: str | Path) -> dict[str, Any]:
     table: dict[str, dict[str, Any]] = {}
     for bench, by_label in (summary.get("benchmarks") or {}).items():
         for label, unit in by_label.items():
+            if unit.get("error") or unit.get("accuracy") is None:
+                continue  # a benchmark that failed, or predictions only (MathVista test): nothing scored
             path = results / f"records-{bench}-{label}.jsonl"
             try:
                 records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
