@@ -80,6 +80,7 @@ def test_single_node_stage(paper):
     (container,) = pod["containers"]
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["image"] == plan.image
     # 8 GPUs on one node: data-parallel GRPO under torchrun, one process per GPU.
     assert container["command"] == [
@@ -147,10 +148,13 @@ def test_multi_node_stage(multinode):
     assert pod["imagePullSecrets"] == [{"name": "registry-credentials"}]
     assert pod["serviceAccountName"] == "visionr1-trainer"
     (container,) = pod["containers"]
+    # /scratch of a 7B SFT on 4 nodes: the download (14 GB) and a saved model (14 GB), a quarter
+    # of the 84 GB of fp32 master weights and Adam moments, 20Gi of JIT caches.
     assert container["resources"] == {
-        "requests": {"cpu": "96", "memory": "1500Gi", "nvidia.com/gpu": "8"},
+        "requests": {"cpu": "96", "memory": "1500Gi", "nvidia.com/gpu": "8", "ephemeral-storage": "66Gi"},
         "limits": {"cpu": "96", "memory": "1500Gi", "nvidia.com/gpu": "8"},
     }
+    assert {v["name"]: v for v in pod["volumes"]}["scratch"]["emptyDir"] == {"sizeLimit": "66Gi"}
     env = env_of(job)
     assert env["MASTER_ADDR"]["value"] == f"{name}-0.{name}"  # pod 0 through the headless Service
     assert env["MASTER_PORT"]["value"] == "29500"

@@ -34,6 +34,7 @@ from visionr1_trainer.config import (
 )
 
 from .affinity import MAX_LABELS, Affinity, LabelValue
+from .pod_settings import PodSettings
 
 GROUP = "visionr1.io"
 VERSION = "v1alpha1"
@@ -93,6 +94,12 @@ class Resources(Schema):
         default="16Gi",
         description="Size of the memory-backed /dev/shm (NCCL and data loaders need more than the default 64Mi).",
     )
+    scratch_size: Quantity | None = Field(
+        default=None,
+        description="Size of /scratch (the hub cache, the work directory, the JIT caches): the emptyDir's "
+        "sizeLimit and the pod's ephemeral-storage request. Default: from the model's parameter count "
+        "in its name and the stage's kind (see docs/cluster.md), else 200Gi.",
+    )
     node_selector: dict[str, LabelValue] = Field(
         default_factory=dict, max_length=MAX_LABELS, description="Node labels the pods must match."
     )
@@ -134,6 +141,11 @@ class StageControl(Schema):
     )
     ttl_seconds_after_finished: int | None = Field(
         default=None, ge=0, description="Delete a finished attempt's Job after this many seconds."
+    )
+    pod: PodSettings = Field(
+        default_factory=PodSettings,
+        description="Labels, annotations, environment, volumes, scheduler, runtime class and RDMA of "
+        "the stage's pods, besides what the operator sets (which they may not override).",
     )
 
 

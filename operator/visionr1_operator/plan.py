@@ -8,7 +8,7 @@ before anything runs and a restarted stage finds its own checkpoints again.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from visionr1_trainer.config import (
@@ -27,6 +27,7 @@ from visionr1_trainer.config import (
 
 from . import __version__
 from .api import Resources, StageControl, VisionR1Run
+from .pod_settings import PodSettings
 
 DEFAULT_TRAINER_IMAGE = f"visionr1/trainer:{__version__}"
 
@@ -43,6 +44,7 @@ class StagePlan:
     backoff_limit: int
     active_deadline_seconds: int | None
     ttl_seconds_after_finished: int | None
+    pod: PodSettings = field(default_factory=PodSettings)  # extra labels, env, volumes... (api.PodSettings)
 
     @property
     def output_uri(self) -> str:
@@ -87,6 +89,7 @@ def build_plan(run: VisionR1Run, default_image: str = DEFAULT_TRAINER_IMAGE) -> 
             backoff_limit=control.backoff_limit,
             active_deadline_seconds=control.active_deadline_seconds,
             ttl_seconds_after_finished=control.ttl_seconds_after_finished,
+            pod=control.pod,
         )
 
     plans: list[StagePlan] = []

@@ -32,7 +32,7 @@ from .naming import (
     service_name,
     stage_labels,
 )
-from .pods import pod_spec
+from .pods import pod_metadata, pod_spec
 
 
 def config_hash(plan: StagePlan) -> str:
@@ -131,7 +131,7 @@ def build_job(owner: Owner, spec: VisionR1RunSpec, plan: StagePlan, attempt: int
         "podReplacementPolicy": "Failed",
         "podFailurePolicy": {"rules": _failure_rules(multi_node=r.nodes > 1)},
         "template": {
-            "metadata": {"labels": dict(labels)},
+            "metadata": pod_metadata(labels, plan),
             "spec": pod_spec(owner, spec, plan, attempt),
         },
     }

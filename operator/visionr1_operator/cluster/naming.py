@@ -22,6 +22,9 @@ CONTAINER = "trainer"
 CONFIG_DIR = "/etc/visionr1"
 CONFIG_KEY = "stage.json"
 SCRATCH_DIR = "/scratch"
+# The read-only root's only other writable path: memory-backed, counted in the pod's memory.
+TMP_DIR = "/tmp"
+TMP_SIZE = "2Gi"
 PVC_ROOT = "/mnt/visionr1/pvc"
 RENDEZVOUS_PORT = 29500
 # The trainer image runs as this user; runAsNonRoot needs a numeric uid to verify.
