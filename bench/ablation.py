@@ -137,7 +137,7 @@ def run_row(row: str, seed: int, work: Path, log) -> dict:
     training = {s["name"]: s.get("summary") for s in status.get("stages", []) if s.get("kind") == "grpo"}
     log(f"{name}: {label} accuracy {figures['accuracy']:.3f} reasoning {figures['reasoning_tokens']:.1f} "
         f"completion {figures['completion_tokens']:.1f} clipped {figures['clipped_ratio']:.3f} ({wall} s)")
-    return {**figures, "label": label, "wall_seconds": wall, "training": training}
+    return {**figures, "label": label, "models": results["models"], "wall_seconds": wall, "training": training}
 
 
 def aggregate(seeds: dict[str, dict]) -> dict:
