@@ -348,3 +348,19 @@ def test_mathvista_testmini_hub_layout(tmp_path):
     items = {it.id: it for it in load_benchmark(bench("mathvista", root)).items}
     assert sorted(items) == ["1", "2"] and items["1"].answer == "B" and items["2"].precision == 1
     assert items["1"].categories == {"task": ["GPS"], "skill": ["GEO"]}
+
+
+def test_mathvista_github_layout_rows_keyed_by_pid(tmp_path):
+    """MathVista's own data/ folder: testmini.json is an object keyed by pid, beside query.json,
+    test.json and images/ (from images.zip)."""
+    data = tmp_path / "data"
+    png_file(data / "images" / "1.jpg")
+    problems = {"1": {"pid": "1", "question": "How many?", "image": "images/1.jpg", "choices": None, "unit": None,
+                      "precision": None, "answer": "3", "question_type": "free_form", "answer_type": "integer",
+                      "metadata": {"task": "figure question answering", "skills": ["arithmetic reasoning"]},
+                      "query": "Question: How many?"}}
+    (data / "testmini.json").write_text(json.dumps(problems, indent=4))
+    (data / "test.json").write_text(json.dumps({"9": {**problems["1"], "pid": "9", "answer": ""}}, indent=4))
+    (data / "query.json").write_text(json.dumps({"1": "Question: How many?"}, indent=4))
+    (item,) = load_benchmark(bench("mathvista", data)).items
+    assert item.id == "1" and item.answer == "3" and item.image_paths

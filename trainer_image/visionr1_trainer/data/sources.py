@@ -288,14 +288,27 @@ def _json_rows(path: Path) -> Iterator[dict | BadRow]:
         rows = json.loads(path.read_text(encoding="utf-8", errors="replace"))
     except json.JSONDecodeError as exc:
         raise DataSourceError(f"{path}: not valid JSON: {exc}") from None
+    if isinstance(rows, dict):  # rows keyed by id (MathVista's data/testmini.json): the values
+        rows = list(rows.values())
     for row in rows:
         yield row if isinstance(row, dict) else BadRow("not_an_object")
 
 
 def _starts_with_bracket(path: Path) -> bool:
+    """A JSON document (an array of rows, or an object of rows keyed by id), not JSON lines."""
     with path.open("rb") as f:
         head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-    return head.startswith(b"[")
+    if head.startswith(b"["):
+        return True
+    if not head.startswith(b"{") or path.suffix != ".json":
+        return False
+    with path.open("rb") as f:  # one object spread over lines, not one object per line
+        first = f.readline().strip()
+    try:
+        json.loads(first)
+        return False
+    except ValueError:
+        return True
 
 
 def _jsonl_rows(path: Path) -> Iterator[dict | BadRow]:
