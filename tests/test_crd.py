@@ -220,3 +220,24 @@ def test_harness_ptst_rules_use_kubernetes_isSorted(crd):
     assert cel_errors(doc, crd) == []
     stages["ptst"] = copy.deepcopy(stages["ptst"]) + [{"maxCompletionLength": 32, "numGenerations": 8}]
     assert [e.split(":")[0] for e in cel_errors(doc, crd)] == ["spec.stages.ptst"]
+
+
+def _cel_strings_in_lists(node: dict, path: str, in_list: bool):
+    """Yield (path, node) of string nodes with CEL rules that sit inside an array."""
+    if node.get("type") == "string" and node.get("x-kubernetes-validations") and in_list:
+        yield path, node
+    for name, child in (node.get("properties") or {}).items():
+        yield from _cel_strings_in_lists(child, f"{path}.{name}", in_list)
+    if isinstance(node.get("items"), dict):
+        yield from _cel_strings_in_lists(node["items"], f"{path}[]", True)
+    if isinstance(node.get("additionalProperties"), dict):
+        yield from _cel_strings_in_lists(node["additionalProperties"], f"{path}{{}}", True)
+
+
+def test_cel_rules_on_strings_in_lists_are_priced_by_a_max_length(crd):
+    # The API server estimates each rule's cost from the longest string the node may hold;
+    # without maxLength that is the whole request, times the list's size: the CRD is refused
+    # ("estimated rule cost exceeds budget"), as it was for data.*.imageRoots.
+    schema = openapi_schema(crd)
+    unbounded = [p for p, n in _cel_strings_in_lists(schema, "", False) if "maxLength" not in n]
+    assert unbounded == []

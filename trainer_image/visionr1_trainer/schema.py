@@ -109,7 +109,7 @@ def _quantity(value: Any) -> str:
         # The CRD types quantities as int-or-string, so the API server rejects 0.5.
         raise ValueError(f"write a fractional quantity as a string ('{value}' or '500m'), got {value!r}")
     text = str(value)
-    if not _QUANTITY_RE.match(text):
+    if len(text) > 64 or not _QUANTITY_RE.match(text):
         raise ValueError(
             f"{text!r} is not a Kubernetes quantity (examples: '64Gi', '500m', '8', '1.5')"
         )
@@ -125,6 +125,8 @@ Quantity = Annotated[
     # range and the quantity syntax are checked by a CEL rule on the node instead.
     WithJsonSchema({
         "x-kubernetes-int-or-string": True,
+        # Bounds the CEL rule's cost (it counts on the longest string the node may hold).
+        "maxLength": 64,
         "anyOf": [{"type": "integer"}, {"type": "string"}],
         "x-kubernetes-validations": [CelRule(
             # CEL string literals take backslash escapes: the regex's "\." is written "\\.".
@@ -162,6 +164,11 @@ class _NoUserInfoRule:
         return json_schema
 
 
+# The API server prices every CEL rule by the largest value it may see: a string with no
+# maxLength counts as the whole request, and a list of them exceeds the CRD's budget.
+MAX_URL_LENGTH = 2048
+
+
 def url_no_credentials(pattern: str) -> Any:
     """A string type for a URL or URI a user gives: ``pattern`` says which ones it takes, and
     one with user-info is refused, naming the field (the CRD has the same rule in CEL).
@@ -170,8 +177,8 @@ def url_no_credentials(pattern: str) -> Any:
     drops a field-level pattern from the JSON schema (so from the CRD) of an optional field
     whose type carries a validator.
     """
-    return Annotated[str, StringConstraints(pattern=pattern), BeforeValidator(_no_url_credentials),
-                     _NoUserInfoRule()]
+    return Annotated[str, StringConstraints(pattern=pattern, max_length=MAX_URL_LENGTH),
+                     BeforeValidator(_no_url_credentials), _NoUserInfoRule()]
 
 
 HttpUrlNoCredentials = url_no_credentials(HTTP_URL)  # endpoints: storage, bridge models, judge
