@@ -176,6 +176,7 @@ async def test_suspend_and_resume(api):
         assert sorted(api.job_names()) == ["r3-bridge-1"]
         await api.patch(RUNS, "default", "r3", {"spec": {"suspend": False}})
         await api.wait_job("r3-sft-1")
+        await player.start("r3-sft-1")
         run = await api.wait_phase("r3", "Running")
     assert condition(run, "Suspended")["status"] == "False"
     assert events(api, "Suspended") and events(api, "Resumed")

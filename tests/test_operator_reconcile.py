@@ -90,11 +90,20 @@ def test_a_new_run_starts_its_first_stage():
     assert d.start is not None and (d.start.plan.name, d.start.attempt, d.start.suspend) == ("bridge", 1, False)
     assert [r.name for r in sim.status.stages] == STAGES
     bridge = sim.record("bridge")
-    assert (bridge.state, bridge.attempts, bridge.job_name) == ("Running", 1, "r-bridge-1")
+    # Created, but its pods are not up: the run waits, it does not run yet (issue 14, item 6).
+    assert (bridge.state, bridge.attempts, bridge.job_name) == ("Pending", 1, "r-bridge-1")
     assert bridge.config_hash and bridge.start_time == "2026-01-01T00:00:00Z"
-    assert (sim.status.phase, sim.status.current_stage, sim.status.observed_generation) == ("Running", "bridge", 1)
+    assert (sim.status.phase, sim.status.current_stage, sim.status.observed_generation) == ("Pending", "bridge", 1)
+    assert (sim.condition("Ready").status, sim.condition("Ready").reason) == ("False", "WaitingForResources")
+    sim.set_job("r-bridge-1", "Starting")  # pods created, Pending: still waiting
+    sim.step()
+    assert sim.status.phase == "Pending" and sim.condition("Ready").reason == "WaitingForResources"
+    sim.set_job("r-bridge-1", "Running")
+    sim.step()
+    assert (sim.record("bridge").state, sim.status.phase) == ("Running", "Running")
     assert {c.type: c.status for c in sim.status.conditions} == {
         "Ready": "True", "Succeeded": "False", "Failed": "False", "Suspended": "False", "InvalidSpec": "False"}
+    assert sim.condition("Ready").reason == "StageRunning"
     # Nothing changed since: the same decision again is no action (idempotent).
     again = sim.step()
     assert again.start is None and again.events == [] and again.status == sim.status
@@ -209,8 +218,11 @@ def test_suspend_and_resume():
     assert d.start is None and sim.status.phase == "Suspended"
     sim.edit(lambda spec: spec.update(suspend=False))
     d = sim.step()
-    assert d.start.plan.name == "sft" and sim.status.phase == "Running"
+    assert d.start.plan.name == "sft" and sim.status.phase == "Pending"
     assert sim.condition("Suspended").status == "False" and [e.reason for e in d.events] == ["Resumed"]
+    sim.set_job("r-sft-1", "Running")
+    sim.step()
+    assert sim.status.phase == "Running"
 
 
 def test_resume_unsuspends_the_running_job():
@@ -344,7 +356,7 @@ def test_status_merge_patch():
     sim = Sim()
     before = status_document(sim.status)
     sim.step()
-    assert merge_patch(before, status_document(sim.status))["phase"] == "Running"
+    assert merge_patch(before, status_document(sim.status))["currentStage"] == "bridge"
 
 
 def test_a_queued_run_is_suspended_through_its_kueue_workload_never_its_job():

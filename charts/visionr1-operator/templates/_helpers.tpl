@@ -56,7 +56,7 @@ exactly the calls it makes.
 # The runs: kopf watches them and manages its finalizer; the controller writes status.
 - apiGroups: [visionr1.io]
   resources: [visionr1runs]
-  verbs: [list, watch, patch]
+  verbs: [get, list, watch, patch]
 - apiGroups: [visionr1.io]
   resources: [visionr1runs/status]
   verbs: [patch]
@@ -65,14 +65,19 @@ exactly the calls it makes.
 - apiGroups: [visionr1.io]
   resources: [visionr1runs/finalizers]
   verbs: [update]
-# One Job per stage attempt: created, adopted after a restart (get), suspended/resumed.
+# One Job per stage attempt: created, adopted after a restart (get), suspended/resumed,
+# its finalizer removed once its outcome is recorded, deleted after the stage's TTL.
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [get, list, watch, create, patch]
+  verbs: [get, list, watch, create, patch, delete]
 # The stage's config and, for a multi-node stage, the rendezvous Service.
 - apiGroups: [""]
   resources: [configmaps, services]
   verbs: [get, create]
+# A ConfigMap left by a crash from an older spec is replaced before its Job exists.
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [delete]
 # Read-only: a stage pod's exit summary (termination message) and metrics address.
 - apiGroups: [""]
   resources: [pods]

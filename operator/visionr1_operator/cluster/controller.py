@@ -30,10 +30,11 @@ from ..api import StageStatus, VisionR1Run, VisionR1RunStatus
 from ..manifest import ManifestError, validate_document
 from .admission import Policy, admission_problems
 from .jobs import build_stage_objects
-from .kube import APIError, ForeignObject, Kube
+from .kube import APIError, ForeignObject, Kube, refusal_message
 from .metrics import OperatorMetrics
-from .naming import Owner
+from .naming import JOB_FINALIZER, Owner
 from .observe import JobView, PodReport, metrics_endpoint, observe_job, parse_time, pod_report, pods_of
+from .outcomes import expired, outcome_recorded, releasable
 from .progress import Scraper, parse_progress, same_progress
 from .reconcile import TERMINAL, Decision, Observed, PlannedRun, ReconcileSettings, current_stage, decide, plan_run
 from .status import finished_generation_patch, merge_patch, status_document
@@ -69,6 +70,25 @@ class Operator:
         controller = self._controllers.get((namespace, run))
         if controller is not None and controller.seen_jobs.get(job.name) != job:
             controller.wake.set()
+
+    async def job_event(self, namespace: str, run: str, job: JobView) -> None:
+        """A Job event: wake its run's controller, or let go of a Job no run will record.
+
+        A deleted run's Jobs are deleted by the garbage collector; one that still carries
+        the operator's finalizer (it had not finished, or its outcome was not recorded yet)
+        is released here, since no controller of that run exists any more to do it.
+        """
+        self.job_changed(namespace, run, job)
+        if (namespace, run) in self._controllers or not (job.finalizer and job.deleting):
+            return
+        kube = Kube(self.settings, logging.getLogger(__name__), self.metrics.api_request)
+        body = await kube.get_run(namespace, run)
+        meta = (body or {}).get("metadata") or {}
+        if body is not None and meta.get("uid") == job.owner_uid and not meta.get("deletionTimestamp"):
+            records = {r.name: r for r in parse_status(body.get("status"), logging.getLogger(__name__)).stages}
+            if job.state in TERMINAL and not outcome_recorded(job, records):
+                return  # its run lives: its controller records the outcome, then releases it
+        await kube.remove_job_finalizer(namespace, job.name, JOB_FINALIZER)
 
     def run_changed(self, namespace: str, name: str, body: Mapping[str, Any]) -> None:
         """Wake a run's controller when its spec or lifecycle changed (not for its own status writes)."""
@@ -147,6 +167,10 @@ class RunController:
         self._workload_active: dict[str, bool] = {}  # Job name -> its Kueue Workload's spec.active, as set
         self._workload_retry: float | None = None  # a Workload Kueue has not created yet: look again
         self._reports: dict[str, PodReport] = {}
+        # Attempts whose objects the API server refused, by Job name: (its message, when).
+        self._refused: dict[str, tuple[str, datetime]] = {}
+        self._released: set[str] = set()  # Jobs whose finalizer this controller removed
+        self._expired: set[str] = set()  # Jobs this controller deleted for their TTL
         self._next_scrape = 0.0
         self._errors = 0
 
@@ -200,7 +224,9 @@ class RunController:
             patch = finished_generation_patch(self.body)  # edited while no operator ran
             if patch is not None:
                 await self.kube.patch_run_status(self.key[0], self.key[1], patch)
-            return None, True
+            _, _, planned = self._parse()
+            wait = await self._let_jobs_go(self.seen_jobs_now(), planned)
+            return wait, wait is None  # a TTL still to apply keeps the loop
         if self.body.metadata.get("deletionTimestamp"):
             return None, False  # being deleted: start nothing; kopf stops this loop next
         run, problems, planned = self._parse()
@@ -210,12 +236,36 @@ class RunController:
         obs = Observed(
             name=self.key[1], namespace=self.key[0], generation=self.body.metadata.get("generation"),
             run=run, problems=problems, status=self.status, jobs=jobs, reports=dict(self._reports),
-            now=now, progress=await self._scrape(jobs, now), planned=planned,
+            now=now, progress=await self._scrape(jobs, now), planned=planned, refused=dict(self._refused),
         )
         decision = decide(obs, self.op.config.reconcile)
         await self._apply(run, decision)
+        wait = await self._let_jobs_go(jobs, planned)
+        if wait is not None:
+            decision.requeue(wait)
         self.op.metrics.observe_run(self.key, self.status.phase)
-        return self._next_look(decision, jobs), decision.finished
+        return self._next_look(decision, jobs), decision.finished and wait is None
+
+    def seen_jobs_now(self) -> dict[str, JobView]:
+        self.seen_jobs = self._jobs()
+        return self.seen_jobs
+
+    async def _let_jobs_go(self, jobs: Mapping[str, JobView], planned: PlannedRun | None) -> float | None:
+        """After the status patch: remove the finalizer of Jobs it records, delete those past
+        their stage's TTL. Returns the seconds until the next TTL is due (None: none waits)."""
+        for name in releasable(self.status, jobs.values()):
+            if name not in self._released:
+                await self.kube.remove_job_finalizer(self.key[0], name, JOB_FINALIZER)
+                self._released.add(name)
+        ttl = {n: p.ttl_seconds_after_finished for n, p in planned.plans.items()} if planned else {}
+        due, wait = expired(self.status, jobs.values(), ttl, _now())
+        for name in due:
+            if name not in self._expired:
+                await self.kube.delete_object("batch/v1", "Job", self.key[0], name, jobs[name].uid)
+                self._expired.add(name)
+        self._released &= set(jobs)
+        self._expired &= set(jobs)
+        return wait
 
     def _parse(self) -> tuple[VisionR1Run | None, list[tuple[str, str]], PlannedRun | None]:
         self._spec_seen = key = _change_key(self.body)
@@ -277,10 +327,21 @@ class RunController:
         if decision.start is not None and run is not None:
             owner = Owner(self.key[1], self.key[0], self.body.metadata.uid or "")
             start = decision.start
-            for obj in build_stage_objects(owner, run.spec, start.plan, start.attempt, suspend=start.suspend):
-                created, _ = await self.kube.create_or_adopt(obj)
-                if obj["kind"] == "Job":
-                    self._created[start.job_name] = observe_job(created)
+            self._refused.pop(start.job_name, None)
+            try:
+                for obj in build_stage_objects(owner, run.spec, start.plan, start.attempt, suspend=start.suspend):
+                    created = await self._create(obj)
+                    if obj["kind"] == "Job":
+                        self._created[start.job_name] = observe_job(created)
+            except (APIError, ForeignObject) as exc:
+                message = refusal_message(exc)
+                if message is None:
+                    raise
+                # Recorded by the next decide (at once): a condition, a retry with backoff.
+                self.logger.warning("The API server refused attempt %s of stage %s: %s",
+                                    start.attempt, start.plan.name, message)
+                self._refused[start.job_name] = (message, _now())
+                decision.requeue(0)
         for name, suspend in decision.suspend_jobs.items():
             await self.kube.set_job_suspend(self.key[0], name, suspend)
             self._suspends[name] = suspend
@@ -294,6 +355,25 @@ class RunController:
             kopf.event(self.body, type=event.type, reason=event.reason, message=event.message[:1024])
         self.op.metrics.observe_stages(before.stages, decision.status.stages, _duration)
         self._forget_reports(decision.status.stages)
+
+    async def _create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Create one object of an attempt, or adopt the one a previous operator made.
+
+        A ConfigMap found with other contents (made from an older spec, before a crash
+        kept its Job from being created) is replaced while no Job uses it yet: the Job
+        created next must read the config its config-hash annotation says.
+        """
+        created, new = await self.kube.create_or_adopt(obj)
+        if new or obj["kind"] != "ConfigMap" or created.get("data") == obj.get("data"):
+            return created
+        meta = obj["metadata"]
+        if await self.kube.exists("batch/v1", "Job", meta["namespace"], meta["name"]):
+            return created  # its Job runs with it already: the Job is adopted as it is
+        self.logger.info("Replacing ConfigMap %s: it holds another config than this attempt's.", meta["name"])
+        await self.kube.delete_object("v1", "ConfigMap", meta["namespace"], meta["name"],
+                                      (created.get("metadata") or {}).get("uid"))
+        created, _ = await self.kube.create_or_adopt(obj)
+        return created
 
     async def _set_workloads_active(self, wanted: Mapping[str, bool]) -> None:
         """Suspend or resume a queued run through its Job's Kueue Workload (``spec.active``).

@@ -28,6 +28,9 @@ from .observe import JobView, observe_job
 
 FINALIZER = "visionr1.io/finalizer"
 OUR_JOBS = {LABEL_MANAGED_BY: MANAGED_BY, LABEL_RUN: kopf.PRESENT}
+# The same filter on the API server: kopf's ``labels=`` filters are applied in the operator,
+# after every Job event of the cluster has been sent to it and decoded.
+JOBS_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_RUN}"
 
 
 class SpecDiffBase(kopf.AnnotationsDiffBaseStorage):
@@ -48,6 +51,8 @@ class SpecDiffBase(kopf.AnnotationsDiffBaseStorage):
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     """Settings, once, before anything is watched."""
     settings.persistence.finalizer = FINALIZER
+    # The Job list and watch ask the API server for the operator's Jobs only.
+    settings.watching.label_selectors["batch", "v1", "jobs"] = JOBS_SELECTOR
     # There are no on.create/on.update handlers, so kopf stores no handler progress; one
     # storage to strip from every run event instead of the default two halves the copying.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="visionr1.io")
@@ -71,7 +76,7 @@ async def visionr1_jobs(
 
 
 async def job_changed(body: kopf.Body, namespace: str, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
-    memo.operator.job_changed(namespace, labels[LABEL_RUN], observe_job(body))
+    await memo.operator.job_event(namespace, labels[LABEL_RUN], observe_job(body))
 
 
 async def run_changed(body: kopf.Body, namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:

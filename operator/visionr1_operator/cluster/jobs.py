@@ -24,6 +24,7 @@ from .naming import (
     CONFIG_KEY,
     CONTAINER,
     EXIT_BAD_CONFIG,
+    JOB_FINALIZER,
     LABEL_JOB_NAME,
     LABEL_QUEUE,
     RENDEZVOUS_PORT,
@@ -139,10 +140,14 @@ def build_job(owner: Owner, spec: VisionR1RunSpec, plan: StagePlan, attempt: int
         job_spec["completionMode"] = "Indexed"
     if plan.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = plan.active_deadline_seconds
-    if plan.ttl_seconds_after_finished is not None:
-        job_spec["ttlSecondsAfterFinished"] = plan.ttl_seconds_after_finished
+    # ttlSecondsAfterFinished is not passed on: the TTL controller deletes a Job in the
+    # foreground, its pods first, which can be before the operator has read their exit
+    # summary (an operator down longer than the TTL). The operator deletes the Job itself
+    # that long after it recorded the outcome (``outcomes.expired``), as Kubeflow's
+    # training operator does with its own ttlSecondsAfterFinished.
     metadata = _metadata(owner, name, meta_labels)
     metadata["annotations"] = {ANNOTATION_CONFIG_HASH: config_hash(plan)}
+    metadata["finalizers"] = [JOB_FINALIZER]
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": job_spec}
 
 

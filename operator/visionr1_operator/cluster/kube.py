@@ -48,6 +48,26 @@ def object_url(obj: dict[str, Any]) -> str:
     return f"{collection_url(obj['apiVersion'], obj['kind'], meta['namespace'])}/{meta['name']}"
 
 
+def refusal_message(exc: Exception) -> str | None:
+    """The API server's words when it refused to create an object for good, else None.
+
+    Refusals: validation (422), admission webhooks and ValidatingAdmissionPolicies (403,
+    422, 400, or 500 when a webhook cannot be called), quotas (403), a name held by
+    something else (``ForeignObject``). Not refusals: throttling and other server
+    errors, which are retried as any failed reconcile is.
+    """
+    if isinstance(exc, ForeignObject):
+        return str(exc)
+    if not isinstance(exc, APIError):
+        return None
+    text = exc.message or str(exc) or f"HTTP {exc.status}"
+    if 400 <= exc.status < 500 and exc.status not in (401, 409, 429):
+        return text[:2000]
+    if exc.status == 500 and "webhook" in text:
+        return text[:2000]
+    return None
+
+
 def run_status_url(namespace: str, name: str) -> str:
     return f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}/status"
 
@@ -132,6 +152,63 @@ class Kube:
                     self.logger.info("Set spec.active=%s on Kueue Workload %s.", active, workload["metadata"]["name"])
             return bool(items)
         return None
+
+    async def remove_job_finalizer(self, namespace: str, name: str, finalizer: str) -> None:
+        """Let a Job go: the operator has recorded its outcome (a Job already gone is fine).
+
+        Read, then a merge patch of the other finalizers (a garbage collector's) guarded by
+        the resourceVersion read: one written in between makes it a 409, and it is read again.
+        """
+        url = f"{collection_url('batch/v1', 'Job', namespace)}/{name}"
+        for _ in range(5):
+            try:
+                self.on_request("get", "Job")
+                meta = (await _api.get(url, settings=self.settings, logger=self.logger))["metadata"]
+                finalizers = list(meta.get("finalizers") or [])
+                if finalizer not in finalizers:
+                    return
+                self.on_request("patch", "Job")
+                await _api.patch(url, payload={"metadata": {
+                    "finalizers": [f for f in finalizers if f != finalizer] or None,
+                    "resourceVersion": meta["resourceVersion"],
+                }}, headers=MERGE_PATCH, settings=self.settings, logger=self.logger)
+                return
+            except NotFound:
+                return
+            except _errors.APIConflictError:
+                continue
+        raise APIError(f"Job {namespace}/{name} kept changing while its finalizer was removed",
+                       status=409, headers={})
+
+    async def delete_object(self, api_version: str, kind: str, namespace: str, name: str,
+                            uid: str | None, propagation: str = "Background") -> None:
+        """Delete one object, only the one with this UID (a Job of the same name made since stays)."""
+        self.on_request("delete", kind)
+        body: dict[str, Any] = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation}
+        if uid:
+            body["preconditions"] = {"uid": uid}
+        try:
+            await _api.delete(f"{collection_url(api_version, kind, namespace)}/{name}", payload=body,
+                              settings=self.settings, logger=self.logger)
+        except (NotFound, _errors.APIConflictError):
+            pass  # gone already, or another object by now
+
+    async def exists(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
+        self.on_request("get", kind)
+        try:
+            await _api.get(f"{collection_url(api_version, kind, namespace)}/{name}",
+                           settings=self.settings, logger=self.logger)
+        except NotFound:
+            return False
+        return True
+
+    async def get_run(self, namespace: str, name: str) -> dict[str, Any] | None:
+        self.on_request("get", "VisionR1Run")
+        try:
+            return await _api.get(f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}",
+                                  settings=self.settings, logger=self.logger)
+        except NotFound:
+            return None
 
     async def list_job_pods(self, namespace: str, job: str) -> list[dict[str, Any]]:
         """The pods of one Job, selected by the label the Job controller puts on them."""

@@ -14,6 +14,10 @@ LABEL_STAGE = "visionr1.io/stage"
 LABEL_ATTEMPT = "visionr1.io/attempt"
 LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
 ANNOTATION_CONFIG_HASH = "visionr1.io/config-hash"
+# On every attempt's Job from its creation: the Job (and, unless it is deleted in the
+# foreground, its pods) stays until the operator has recorded its outcome and exit summary
+# in the run's status. Removed then, or at once from a Job deleted before it finished.
+JOB_FINALIZER = "visionr1.io/attempt-outcome"
 # Set by the Job controller on every pod (and the Job's selector): how we find an attempt's pods.
 LABEL_JOB_NAME = "batch.kubernetes.io/job-name"
 ANNOTATION_COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"

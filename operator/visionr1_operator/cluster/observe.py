@@ -17,6 +17,7 @@ from .naming import (
     ANNOTATION_COMPLETION_INDEX,
     ANNOTATION_CONFIG_HASH,
     CONTAINER,
+    JOB_FINALIZER,
     LABEL_ATTEMPT,
     LABEL_JOB_NAME,
     LABEL_STAGE,
@@ -24,9 +25,9 @@ from .naming import (
     RULE_DISRUPTION,
 )
 
-
-
-JobState = Literal["Pending", "Running", "Suspended", "Succeeded", "Failed"]
+# "Starting": not suspended, but not all of its pods are up yet (waiting for GPUs, being
+# scheduled, pulling the image); "Running" once every pod is ready (or done).
+JobState = Literal["Pending", "Starting", "Running", "Suspended", "Succeeded", "Failed"]
 FailureKind = Literal["bad-config", "disruption", "error"]
 _RULE_INDEX = re.compile(r"matching FailJob rule at index (\d+)")
 
@@ -46,6 +47,8 @@ class JobView:
     finished_at: str | None = None
     config_hash: str | None = None
     uid: str | None = None  # finds the Job's Kueue Workload (label kueue.x-k8s.io/job-uid)
+    finalizer: bool = False  # still carries JOB_FINALIZER: its outcome may be unrecorded
+    deleting: bool = False  # has a deletionTimestamp (held by a finalizer)
 
     @property
     def failure_kind(self) -> FailureKind:
@@ -75,8 +78,10 @@ def observe_job(job: Mapping[str, Any]) -> JobView:
         finished = true["Failed"].get("lastTransitionTime")
     elif spec.get("suspend"):
         state = "Suspended"
-    elif status.get("active") or status.get("ready") or status.get("startTime"):
+    elif _pods_up(spec, status):
         state = "Running"
+    elif status.get("active") or status.get("startTime"):
+        state = "Starting"
     else:
         state = "Pending"
     attempt = labels.get(LABEL_ATTEMPT, "")
@@ -92,7 +97,23 @@ def observe_job(job: Mapping[str, Any]) -> JobView:
         finished_at=finished,
         config_hash=(meta.get("annotations") or {}).get(ANNOTATION_CONFIG_HASH),
         uid=meta.get("uid"),
+        finalizer=JOB_FINALIZER in (meta.get("finalizers") or []),
+        deleting=bool(meta.get("deletionTimestamp")),
     )
+
+
+def _pods_up(spec: Mapping[str, Any], status: Mapping[str, Any]) -> bool:
+    """Every pod of the attempt is ready or done: the trainer runs, not waits for a node.
+
+    ``status.ready`` counts pods whose Ready condition is true (the kubelet sets it once
+    the containers run); ``active`` counts Pending pods as well, and ``startTime`` is
+    set as soon as the Job controller creates them. An API server that reports no
+    ``ready`` (before Kubernetes 1.29) is read from ``active`` as before.
+    """
+    if "ready" not in status:
+        return bool(status.get("active"))
+    want = spec.get("parallelism") or spec.get("completions") or 1
+    return (status.get("ready") or 0) + (status.get("succeeded") or 0) >= want
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,11 @@ changes, a restart that finds Jobs the status does not know about) is a plain fu
 call in the tests.
 
 Where the status and the Jobs disagree, the Jobs win: a Job of a later attempt than the
-status records is adopted (the status patch was lost to a crash), and a Job the status
-names but that does not exist is created again under the same name.
+status records is adopted (the status patch was lost to a crash; the failures of the
+attempts it skipped are counted from their Jobs, which the operator's finalizer keeps
+until then), and a Job the status names but that does not exist is created again under
+the same name. A create the API server refuses (an admission webhook or policy, a quota
+on Jobs) is retried with the stage's backoff and fails the stage after its backoffLimit.
 """
 
 from __future__ import annotations
@@ -69,6 +72,8 @@ class Observed:
     now: datetime
     progress: Progress | None = None  # freshly scraped from the running stage, if any
     planned: PlannedRun | None = None  # ``plan_run(run)``, when the caller keeps it between calls
+    # Attempts whose objects the API server refused to create, by Job name: (its message, when).
+    refused: Mapping[str, tuple[str, datetime]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -196,10 +201,20 @@ def _track(
     """Bring a started stage's record up to date with its latest attempt's Job."""
     latest = max((j for j in obs.jobs.values() if j.stage == record.name), key=lambda j: j.attempt, default=None)
     if latest is not None and latest.attempt > record.attempts:  # a status patch was lost
+        # The attempts it skipped failed and were retried; their failures went with the lost
+        # patch. Their Jobs still exist (the finalizer holds them until this is recorded).
+        record.failures += sum(
+            1 for j in obs.jobs.values()
+            if j.stage == record.name and record.attempts <= j.attempt < latest.attempt
+            and j.state == "Failed" and j.failure_kind == "error"
+        )
         record.attempts, record.job_name = latest.attempt, latest.name
         record.config_hash = latest.config_hash or record.config_hash
         record.start_time = record.start_time or latest.start_time or timestamp(obs.now)
     job = obs.jobs.get(record.job_name or "")
+    if job is None and record.job_name in obs.refused:
+        _refused(record, plan, obs, settings, out, can_retry)
+        return
     if job is None:
         return  # not created yet, or deleted: _start_if_needed creates it under the same name
     if job.state == "Succeeded":
@@ -214,7 +229,8 @@ def _track(
     elif job.state == "Failed":
         _failed(record, plan, job, obs, settings, out, can_retry)
     else:
-        record.state = "Pending" if job.state == "Suspended" else "Running"
+        # Running once every pod is up: a Job whose pods wait for a node is not running yet.
+        record.state = "Running" if job.state == "Running" else "Pending"
         record.message = None if job.state != "Suspended" else record.message
 
 
@@ -256,6 +272,36 @@ def _failed(
     _begin_attempt(record, plan, job.attempt + 1, obs, out)
 
 
+def _refused(
+    record: StageStatus, plan: StagePlan | None, obs: Observed, settings: ReconcileSettings,
+    out: Decision, can_retry: bool,
+) -> None:
+    """The API server refused the attempt's objects: retry after a backoff, counted as a failure."""
+    server_message, refused_at = obs.refused[record.job_name or ""]
+    counted = record.failures + 1
+    limit = plan.backoff_limit if plan is not None else 0
+    what = f"the API server refused to create attempt {record.attempts} (Job {record.job_name}): {server_message}"
+    if counted > limit:
+        record.failures = counted
+        record.state = "Failed"
+        record.completion_time = timestamp(obs.now)
+        record.message = f"{what} ({counted} times, backoffLimit {limit})"
+        return
+    due = refused_at + timedelta(seconds=retry_delay(counted, settings))
+    record.state = "Pending"
+    if not can_retry or plan is None:
+        record.message = f"{what}; the retry waits"
+        return
+    if obs.now < due:
+        record.message = f"{what}; retrying at {timestamp(due)}"
+        out.requeue((due - obs.now).total_seconds())
+        return
+    record.failures = counted
+    record.message = what
+    out.events.append(Event("Warning", "CreateRefused", f"stage {record.name}: {what}; retrying"))
+    out.start = StartAttempt(plan=plan, attempt=record.attempts, suspend=bool(obs.run and obs.run.spec.queue_name))
+
+
 def _fail_stage(record: StageStatus, job: JobView, obs: Observed, message: str, report: PodReport) -> None:
     record.state = "Failed"
     record.completion_time = job.finished_at or timestamp(obs.now)
@@ -282,7 +328,7 @@ def _begin_attempt(record: StageStatus, plan: StagePlan, attempt: int, obs: Obse
     record.attempts = attempt
     record.job_name = out.start.job_name
     record.config_hash = config_hash(plan)
-    record.state = "Pending" if out.start.suspend else "Running"
+    record.state = "Pending"  # Running once its pods are (observe_job)
     record.start_time = record.start_time or timestamp(obs.now)
     out.status.progress = Progress(stage=record.name)
 
@@ -295,7 +341,7 @@ def _start_if_needed(
         return
     if record.attempts == 0:
         _begin_attempt(record, plan, 1, obs, out)
-    elif record.job_name not in obs.jobs:
+    elif record.job_name not in obs.jobs and record.job_name not in obs.refused:
         out.start = StartAttempt(plan=plan, attempt=record.attempts, suspend=bool(run.spec.queue_name))
 
 
@@ -351,7 +397,9 @@ def _summarize(current: StageStatus | None, run: VisionR1Run, refused: list[str]
         status.observed_generation = obs.generation
     if obs.progress is not None and current is not None and obs.progress.stage == current.name:
         status.progress = obs.progress
-    ready, ready_reason, ready_message = _readiness(current, run, refused, status.phase)
+    job = obs.jobs.get(current.job_name or "") if current is not None else None
+    waiting = _waiting_reason(current, job, run, obs)
+    ready, ready_reason, ready_message = _readiness(current, run, refused, status.phase, waiting)
     conditions = _conditions(status, current, refused, ready, ready_reason, ready_message)
     for type_, value, reason, message, event in conditions:
         flipped = set_condition(status.conditions, type_, value, reason, message, obs.now, obs.generation)
@@ -361,7 +409,20 @@ def _summarize(current: StageStatus | None, run: VisionR1Run, refused: list[str]
         out.events.append(Event("Normal", "Resumed", "run resumed"))
 
 
-def _readiness(current: StageStatus | None, run: VisionR1Run, refused: list[str], phase: str) -> tuple[bool, str, str]:
+def _waiting_reason(current: StageStatus | None, job: JobView | None, run: VisionR1Run, obs: Observed) -> str | None:
+    """Why a started stage is not running: its create was refused, Kueue holds it, or its pods wait."""
+    if current is None or current.state != "Pending" or not current.attempts:
+        return None
+    if job is None and current.job_name in obs.refused:
+        return "CreateRefused"
+    if (job is not None and job.state == "Suspended") or (job is None and run.spec.queue_name):
+        return "Queued"
+    return "WaitingForResources"
+
+
+def _readiness(
+    current: StageStatus | None, run: VisionR1Run, refused: list[str], phase: str, waiting: str | None = None,
+) -> tuple[bool, str, str]:
     if phase == "Succeeded":
         return True, "Succeeded", "every stage succeeded"
     if phase == "Failed":
@@ -370,6 +431,12 @@ def _readiness(current: StageStatus | None, run: VisionR1Run, refused: list[str]
         return False, "FinishedStageChanged", "; ".join(refused)
     if phase == "Suspended":
         return False, "Suspended", "spec.suspend is true"
+    if waiting == "CreateRefused" and current is not None:
+        return False, "CreateRefused", current.message or f"the API server refused Job {current.job_name}"
+    if waiting == "WaitingForResources" and current is not None:
+        return False, "WaitingForResources", (
+            f"stage {current.name}'s Job {current.job_name} waits for its pods to start "
+            "(a node with the resources it asks for, scheduling, the image)")
     if current is not None and current.state == "Pending" and current.attempts:
         where = f" in queue {run.spec.queue_name}" if run.spec.queue_name else ""
         return False, "Queued", f"stage {current.name}'s Job {current.job_name} waits for admission{where}"
