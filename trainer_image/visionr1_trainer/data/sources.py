@@ -496,6 +496,8 @@ class ImageRoots:
                 return _cache_s3_object(f"{root}/{relative}", self.cache, self.storage)
             except LookupError:
                 continue
+        if unsafe is not None:  # it exists, but only as a way out of a root (a symlink out)
+            raise unsafe
         raise LookupError(f"no image {value!r} under {', '.join(map(str, self.local + self.remote))}")
 
     def _zip_index(self) -> list[tuple[Path, dict[str, str]]]:
