@@ -10,16 +10,8 @@ from PIL import Image
 
 from visionr1_trainer.data.formats import ColdExample
 from visionr1_trainer.models.vlm import IMAGE_TOKEN
-from visionr1_trainer.sft.data import (
-    IGNORE_INDEX,
-    SkipSample,
-    collate,
-    encode_all,
-    encode_example,
-    epoch_micro_batches,
-    load_group,
-    pack,
-)
+from visionr1_trainer.sft.batches import collate, epoch_micro_batches, load_group, pack
+from visionr1_trainer.sft.data import IGNORE_INDEX, SkipSample, encode_all, encode_example
 from visionr1_trainer.sft.schedule import lr_multiplier, micro_batches_of_step, step_plan
 
 
@@ -54,6 +46,7 @@ def example(images, **kw) -> ColdExample:
 def test_only_assistant_tokens_carry_loss(parts, image):
     tokenizer, processor = parts
     sample = encode_example(example([image / "blue.png", image / "wide.png"]), tokenizer, processor, 1024)
+    sample.input_ids, sample.labels = sample.input_ids.tolist(), sample.labels.tolist()
     labelled = [t for t, l in zip(sample.input_ids, sample.labels) if l != IGNORE_INDEX]
     assert all(l in (IGNORE_INDEX, t) for t, l in zip(sample.input_ids, sample.labels))
     assert tokenizer.decode(labelled) == f"{REPLY_1}<|im_end|>\n{REPLY_2}<|im_end|>\n"
@@ -73,11 +66,11 @@ def test_cutoff_truncates_the_reply_or_drops_the_sample(parts, image):
     first_label = next(i for i, l in enumerate(full.labels) if l != IGNORE_INDEX)
     cut = encode_example(example([image / "blue.png"]), tokenizer, processor, first_label + 3)
     assert cut.truncated and len(cut) == first_label + 3
-    assert cut.input_ids == full.input_ids[: first_label + 3] and cut.labels == full.labels[: first_label + 3]
+    assert (cut.input_ids == full.input_ids[: first_label + 3]).all() and (cut.labels == full.labels[: first_label + 3]).all()
     with pytest.raises(SkipSample, match="too_long"):
         encode_example(example([image / "blue.png"]), tokenizer, processor, first_label)
-    samples, counts = encode_all([example([image / "blue.png"], id=str(i)) for i in range(2)],
-                                 tokenizer, processor, 12)  # inside the image tokens
+    samples, counts, _ = encode_all([example([image / "blue.png"], id=str(i)) for i in range(2)],
+                                    tokenizer, processor, 12)  # inside the image tokens
     assert samples == [] and counts == {"too_long": 2}
 
 
@@ -103,7 +96,7 @@ def test_collate_pads_right_and_marks_image_tokens(parts, image):
     tokenizer, processor = parts
     short = ColdExample("s", [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}],
                         [str(image / "blue.png")])
-    samples, _ = encode_all([example([image / "blue.png"]), short], tokenizer, processor, 1024)
+    samples, _, _ = encode_all([example([image / "blue.png"]), short], tokenizer, processor, 1024)
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     batch = collate([load_group([s], processor) for s in samples], tokenizer.pad_token_id, image_id)
     ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]

@@ -18,7 +18,8 @@ from visionr1_trainer.models.vlm import IMAGE_TOKEN
 from visionr1_trainer.grpo.engine import make_engine
 from visionr1_trainer.runtime import StageStopped, UnusableSetting
 from visionr1_trainer.sft import train
-from visionr1_trainer.sft.data import IGNORE_INDEX, build_training_data, collate, load_group
+from visionr1_trainer.sft.batches import collate, load_group
+from visionr1_trainer.sft.data import IGNORE_INDEX, build_training_data
 
 CPU = DistEnv(0, 1, 0, "cpu", None)
 

@@ -437,7 +437,9 @@ def _collective_timeout_field():
 
 
 class SFTSettings(Schema):
-    """Cold-start supervised fine-tuning (defaults from the paper)."""
+    """Cold-start supervised fine-tuning (defaults from the paper's run: Vision-R1's
+    LLaMA-Factory config for Qwen2.5-VL-7B, and LLaMA-Factory's own defaults where that
+    config sets nothing)."""
 
     epochs: float = Field(default=2.0, gt=0, le=100, description="Training epochs.")
     learning_rate: float = Field(default=5e-6, gt=0, lt=1, description="Peak learning rate.")
@@ -456,7 +458,9 @@ class SFTSettings(Schema):
         default=1, ge=1, le=1024, description="Samples per device per micro-step."
     )
     gradient_accumulation_steps: int = Field(
-        default=8, ge=1, le=4096, description="Micro-steps per optimizer step."
+        default=4, ge=1, le=4096,
+        description="Micro-steps per optimizer step (4: Vision-R1's 8-GPU config, a global "
+        "batch of 8 x 1 x 4 = 32).",
     )
     precision: Literal["bf16", "fp16", "fp32"] = Field(
         default="bf16", description="Training precision."
@@ -468,14 +472,63 @@ class SFTSettings(Schema):
     )
     activation_checkpointing: ActivationCheckpointing = _activation_checkpointing_field()
     collective_timeout_minutes: float = _collective_timeout_field()
-    packing: bool = Field(default=False, description="Pack several samples per sequence.")
+    packing: bool = Field(
+        default=False,
+        description="Pack several samples per sequence (up to cutoffLength), kept apart as "
+        "LLaMA-Factory's neat_packing: positions restart per sample, attention is block-diagonal.",
+    )
     freeze_vision_tower: bool = Field(
-        default=False, description="Keep the vision encoder frozen during SFT."
+        default=True,
+        description="Keep the vision encoder (patch embedding and blocks) frozen, as "
+        "LLaMA-Factory does by default (Vision-R1's config keeps it).",
+    )
+    freeze_multi_modal_projector: bool = Field(
+        default=True,
+        description="Keep the vision-language projector (visual.merger) frozen, as "
+        "LLaMA-Factory does by default.",
+    )
+    image_max_pixels: int = Field(
+        default=768 * 768, ge=28 * 28, le=100_000_000,
+        description="Images above this many pixels are scaled down to it before the image "
+        "processor (LLaMA-Factory's image_max_pixels default, 768 x 768).",
+    )
+    image_min_pixels: int = Field(
+        default=32 * 32, ge=1, le=100_000_000,
+        description="Images below this many pixels are scaled up to it (LLaMA-Factory's "
+        "image_min_pixels default, 32 x 32).",
     )
     save_every_steps: int = Field(
         default=500, ge=1, description="Commit a resumable checkpoint every N optimizer steps."
     )
     seed: int = Field(default=42, ge=0, description="Seed for data order and init.")
+
+    cel_rules = (
+        CelRule(
+            "self.imageMinPixels <= self.imageMaxPixels",
+            "imageMinPixels must not be above imageMaxPixels",
+            ".imageMinPixels",
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _image_bounds(self) -> SFTSettings:
+        if self.image_min_pixels > self.image_max_pixels:
+            raise_problems([("imageMinPixels", f"{self.image_min_pixels} is above imageMaxPixels "
+                                               f"({self.image_max_pixels})")])
+        return self
+
+
+REWARD_FUNCTION = r"^(hfrrf|[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*)$"
+
+
+class RewardTerm(Schema):
+    """One weighted term of the GRPO reward."""
+
+    function: str = Field(
+        max_length=200, pattern=REWARD_FUNCTION,
+        description="hfrrf, or module:function importable in the trainer image (docs/grpo.md).",
+    )
+    weight: float = Field(default=1.0, ge=-100, le=100, description="Its weight in the sum.")
 
 
 class PTSTStage(Schema):
@@ -564,10 +617,26 @@ class GRPOSettings(Schema):
         default=1.0, gt=0, le=10,
         description="With overlong: softPenalty, the penalty at maxCompletionLength (DAPO: 1).",
     )
-    reward: Literal["hfrrf"] = Field(
-        default="hfrrf",
+    reward: str = Field(
+        default="hfrrf", max_length=200, pattern=REWARD_FUNCTION,
         description="Reward function: hfrrf, the Hard Format Result Reward (1 only if format "
-        "and answer are both right).",
+        "and answer are both right), or module:function importable in the trainer image, "
+        "called as function(completion, answer, problem) -> float (docs/grpo.md).",
+    )
+    extra_rewards: list[RewardTerm] = Field(
+        default_factory=list, max_length=8,
+        description="Weighted reward terms added to reward: reward + sum of weight x function.",
+    )
+    reward_timeout_seconds: float = Field(
+        default=10.0, gt=0, le=600,
+        description="Time bound of one plug-in reward call (module:function); one that overruns "
+        "or raises scores 0 and is counted, the step goes on.",
+    )
+    length_penalty: float = Field(
+        default=0.0, ge=0, lt=1,
+        description="alpha of the group-normalised length penalty on correct answers (Arora and "
+        "Zanette, arXiv 2502.04463): a correct completion's reward is multiplied by 1 - alpha x "
+        "sigmoid(z), z its length's z-score among its group's correct completions; 0: off.",
     )
     rollout_backend: Literal["vllm", "hf"] = Field(
         default="vllm", description="Rollout engine: vllm (GPU) or hf (transformers, CPU or GPU)."

@@ -6,27 +6,36 @@ text up to each assistant reply (system, user turns, ``<|im_start|>assistant\\n`
 context (label -100), the reply with its ``<|im_end|>\\n`` is trained on, as
 LLaMA-Factory does for Qwen. The images go at the start of the first user turn, as in
 ``models.vlm.user_message``, so SFT prompts look exactly like the GRPO and eval
-prompts. Each ``<|image_pad|>`` is expanded to the number of tokens the image processor
-will produce for that image, computed from the image's size without decoding it.
+prompts. Each image is resized as LLaMA-Factory resizes it (``sft.images``: at most
+``imageMaxPixels``, extreme aspect ratios squeezed to 180:1) and its ``<|image_pad|>`` is
+expanded to the number of tokens the image processor will produce for that size,
+computed from the image's header without decoding it. A text-only conversation (no
+images) is a plain text sample.
 
 ``cutoffLength``: a sample longer than the cutoff is cut at the end of its reply; one
 whose images or whose first reply token would fall beyond the cutoff is dropped (cutting
 into image tokens breaks the model; a sample with nothing to learn is useless), and
-counted. With ``packing``, samples are packed first-fit-decreasing into sequences of at
-most ``cutoffLength`` tokens that attend across sample boundaries (LLaMA-Factory's
-``packing`` without ``neat_packing``).
+counted. An image the processor cannot take is dropped with its sample and counted as
+``bad_image``, never raised: one odd image must not stop the stage on every rank.
+
+The encoded set is held compactly (``EncodedSet``: flat int32 token and bool label
+arrays, about 5 bytes a token instead of ~70 in Python lists) and saved with the stage's
+work (``sft.cache``), so a restarted stage does not tokenise again. Batches and packing
+are in ``sft.batches``.
 """
 
 from __future__ import annotations
 
 import collections
-import math
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
-import torch
+import numpy as np
 
-from ..models.vlm import IMAGE_TOKEN, QWEN_VL_CHAT_TEMPLATE, expand_image_tokens, mm_token_types, user_message
+from ..models.vlm import IMAGE_TOKEN, QWEN_VL_CHAT_TEMPLATE, expand_image_tokens, user_message
+from .images import ImageBounds, preprocess_size
 
 IGNORE_INDEX = -100
 
@@ -39,11 +48,14 @@ class SkipSample(Exception):
 
 @dataclass
 class EncodedSample:
-    """One training sequence: ``labels[t]`` is ``input_ids[t]`` where it carries loss, else -100."""
+    """One training sequence: ``labels[t]`` is ``input_ids[t]`` where it carries loss, else -100.
+
+    ``input_ids``, ``labels``: (T,) int32 arrays.
+    """
 
     id: str
-    input_ids: list[int]
-    labels: list[int]
+    input_ids: np.ndarray
+    labels: np.ndarray
     image_paths: list[str]
     image_tokens: list[int]  # tokens each image expands to, in order
     truncated: bool = False
@@ -91,27 +103,37 @@ def conversation_segments(tokenizer, messages: Sequence[dict[str, Any]]) -> list
     return segments
 
 
-def image_token_count(path: str, image_processor) -> int:
-    """Tokens one image becomes after the processor's resize and the 2x2 merge."""
+def image_token_count(path: str, image_processor, bounds: ImageBounds = ImageBounds()) -> int:
+    """Tokens one image becomes after LLaMA-Factory's resize, the processor's and the 2x2 merge.
+
+    Raises ``SkipSample("bad_image")`` when the processor refuses the resized image (an
+    aspect ratio ``smart_resize`` cannot take, a degenerate size).
+    """
     from PIL import Image
 
     merge = int(getattr(image_processor, "merge_size", 2) or 2)
     with Image.open(path) as img:
-        width, height = img.size
-    if hasattr(image_processor, "get_number_of_image_patches"):
-        patches = image_processor.get_number_of_image_patches(height, width, {})
-    else:
-        with Image.open(path) as img:
-            patches = int(image_processor(images=[img.convert("RGB")], return_tensors="pt")["image_grid_thw"].prod())
+        width, height = preprocess_size(*img.size, bounds)
+    try:
+        if hasattr(image_processor, "get_number_of_image_patches"):
+            patches = image_processor.get_number_of_image_patches(height, width, {})
+        else:
+            from .batches import load_image
+
+            feats = image_processor(images=[load_image(path, bounds)], return_tensors="pt")
+            patches = int(feats["image_grid_thw"].prod())
+    except ValueError:
+        raise SkipSample("bad_image") from None
     return patches // merge**2
 
 
 # --- one sample -----------------------------------------------------------------------------
 
 
-def encode_example(example, tokenizer, image_processor, cutoff_length: int) -> EncodedSample:
+def encode_example(example, tokenizer, image_processor, cutoff_length: int,
+                   bounds: ImageBounds = ImageBounds()) -> EncodedSample:
     """A ``ColdExample`` as token ids and labels; raises ``SkipSample`` when unusable."""
-    counts = [image_token_count(p, image_processor) for p in example.image_paths]
+    counts = [image_token_count(p, image_processor, bounds) for p in example.image_paths]
     segments = conversation_segments(tokenizer, chat_messages(example.messages, len(counts)))
     input_ids: list[int] = []
     labels: list[int] = []
@@ -126,7 +148,8 @@ def encode_example(example, tokenizer, image_processor, cutoff_length: int) -> E
         labels += ids if trained else [IGNORE_INDEX] * len(ids)
     if used != len(counts):
         raise SkipSample("image_count_mismatch")
-    sample = EncodedSample(example.id, input_ids, labels, list(example.image_paths), counts)
+    sample = EncodedSample(example.id, np.asarray(input_ids, dtype=np.int32), np.asarray(labels, dtype=np.int32),
+                           list(example.image_paths), counts)
     return apply_cutoff(sample, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), cutoff_length)
 
 
@@ -134,8 +157,10 @@ def apply_cutoff(sample: EncodedSample, image_token_id: int, cutoff_length: int)
     """Cut a long sample at ``cutoff_length`` when that keeps its images and some labels."""
     if len(sample) <= cutoff_length:
         return sample
-    last_image = max((i for i, t in enumerate(sample.input_ids) if t == image_token_id), default=-1)
-    first_label = next((i for i, t in enumerate(sample.labels) if t != IGNORE_INDEX), len(sample))
+    images = np.flatnonzero(sample.input_ids == image_token_id)
+    labelled = np.flatnonzero(sample.labels != IGNORE_INDEX)
+    last_image = int(images[-1]) if len(images) else -1
+    first_label = int(labelled[0]) if len(labelled) else len(sample)
     # The label at position t is predicted from position t-1: keep at least one pair.
     if last_image >= cutoff_length or first_label >= cutoff_length:
         raise SkipSample("too_long")
@@ -143,120 +168,117 @@ def apply_cutoff(sample: EncodedSample, image_token_id: int, cutoff_length: int)
                          sample.image_paths, sample.image_tokens, truncated=True)
 
 
-def encode_all(examples, tokenizer, image_processor, cutoff_length: int) -> tuple[list[EncodedSample], collections.Counter]:
-    """Every example encoded; the skipped ones counted by reason (``truncated`` is kept)."""
-    samples, counts = [], collections.Counter()
-    for example in examples:
+@dataclass
+class EncodedSet:
+    """Every encoded sample of the stage in flat arrays (no Python object per token).
+
+    ``tokens`` (N,) int32 and ``trained`` (N,) bool hold all samples end to end; sample
+    ``i`` is ``offsets[i]:offsets[i + 1]``. ``image_tokens`` (M,) int32 with
+    ``image_offsets`` (n + 1,) likewise; ``source_index`` (n,) is each sample's index in
+    the examples it was encoded from (its images are that example's).
+    """
+
+    ids: list[str]
+    tokens: np.ndarray
+    trained: np.ndarray
+    offsets: np.ndarray
+    image_tokens: np.ndarray
+    image_offsets: np.ndarray
+    source_index: np.ndarray
+    truncated: np.ndarray
+    image_paths: list[list[str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def sample(self, i: int) -> EncodedSample:
+        """Sample ``i``; its arrays are views into the set's."""
+        tokens = self.tokens[self.offsets[i]:self.offsets[i + 1]]
+        labels = np.where(self.trained[self.offsets[i]:self.offsets[i + 1]], tokens, IGNORE_INDEX).astype(np.int32)
+        counts = self.image_tokens[self.image_offsets[i]:self.image_offsets[i + 1]].tolist()
+        return EncodedSample(self.ids[i], tokens, labels, self.image_paths[i], counts, bool(self.truncated[i]))
+
+    @classmethod
+    def from_samples(cls, samples: Sequence[EncodedSample], source_index: Sequence[int]) -> "EncodedSet":
+        def offsets(sizes):
+            return np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)
+
+        cat = (lambda arrays, dtype: np.concatenate(arrays).astype(dtype) if arrays else np.zeros(0, dtype))
+        return cls(
+            ids=[s.id for s in samples],
+            tokens=cat([s.input_ids for s in samples], np.int32),
+            trained=cat([s.labels != IGNORE_INDEX for s in samples], bool),
+            offsets=offsets([len(s) for s in samples]),
+            image_tokens=np.asarray([n for s in samples for n in s.image_tokens], dtype=np.int32),
+            image_offsets=offsets([len(s.image_tokens) for s in samples]),
+            source_index=np.asarray(source_index, dtype=np.int64),
+            truncated=np.asarray([s.truncated for s in samples], dtype=bool),
+            image_paths=[list(s.image_paths) for s in samples],
+        )
+
+    def save(self, directory: Path) -> None:
+        """``arrays.npz`` and ``ids.json`` in ``directory`` (the image paths are not saved:
+        they are local to each node, and come back from the examples on ``load``)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        np.savez(directory / "arrays.npz", tokens=self.tokens, trained=self.trained, offsets=self.offsets,
+                 image_tokens=self.image_tokens, image_offsets=self.image_offsets,
+                 source_index=self.source_index, truncated=self.truncated)
+        (directory / "ids.json").write_text(json.dumps(self.ids))
+
+    @classmethod
+    def load(cls, directory: Path, examples: Sequence[Any]) -> "EncodedSet":
+        """A saved set, its image paths from ``examples`` (the ones it was encoded from)."""
+        with np.load(directory / "arrays.npz") as arrays:
+            loaded = {k: arrays[k] for k in arrays.files}
+        ids = json.loads((directory / "ids.json").read_text())
+        index = loaded["source_index"]
+        if len(index) and (index.max() >= len(examples) or [examples[j].id for j in index] != ids):
+            raise ValueError(f"{directory}: the saved encoding is of other examples")
+        return cls(ids=ids, image_paths=[list(examples[j].image_paths) for j in index], **loaded)
+
+
+def encode_all(examples, tokenizer, image_processor, cutoff_length: int,
+               bounds: ImageBounds = ImageBounds()) -> tuple[list[EncodedSample], collections.Counter, list[int]]:
+    """Every example encoded; the skipped ones counted by reason (``truncated`` is kept);
+    and each kept sample's index in ``examples``."""
+    samples, counts, index = [], collections.Counter(), []
+    for i, example in enumerate(examples):
         try:
-            sample = encode_example(example, tokenizer, image_processor, cutoff_length)
+            sample = encode_example(example, tokenizer, image_processor, cutoff_length, bounds)
         except SkipSample as skip:
             counts[skip.reason] += 1
             continue
         counts["truncated"] += sample.truncated
         samples.append(sample)
-    return samples, counts
-
-
-# --- packing and batches ----------------------------------------------------------------------
-
-
-def pack(lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """First-fit decreasing: groups of indices whose lengths sum to at most ``capacity``.
-
-    Groups are returned in the order of their first (longest) member's index, each
-    group's members in index order, so packing is deterministic.
-    """
-    bins: list[list[int]] = []
-    space: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        for b, free in enumerate(space):
-            if lengths[i] <= free:
-                bins[b].append(i)
-                space[b] -= lengths[i]
-                break
-        else:
-            bins.append([i])
-            space.append(capacity - lengths[i])
-    return sorted((sorted(b) for b in bins), key=lambda b: b[0])
-
-
-def epoch_micro_batches(num_groups: int, batch_size: int, epoch: int, seed: int,
-                        rank: int = 0, world_size: int = 1) -> list[list[int]]:
-    """This rank's micro-batches (lists of group indices) of one epoch.
-
-    A pure function of its arguments, so a resumed stage finds its place from the step
-    alone. Every rank gets the same number of groups: the shuffled order is wrapped
-    around to a multiple of ``world_size`` (as torch's DistributedSampler does).
-    """
-    order = torch.randperm(num_groups, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
-    per_rank = math.ceil(num_groups / world_size)
-    order = (order * (1 + per_rank * world_size // max(num_groups, 1)))[: per_rank * world_size]
-    mine = order[rank::world_size]
-    return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
-
-
-@dataclass
-class Batch:
-    """Model inputs of one micro-batch; ``labels`` (B, T) with -100 on padding and context."""
-
-    inputs: dict[str, torch.Tensor]
-    labels: torch.Tensor
-    tokens: int  # non-padding tokens
-    target_tokens: int  # tokens that carry loss (after the one-position shift)
-
-
-def load_group(samples: Sequence[EncodedSample], image_processor) -> dict[str, Any]:
-    """One sequence from one or more (packed) samples, with its images processed."""
-    from ..data.formats import load_rgb
-
-    ids = [t for s in samples for t in s.input_ids]
-    labels = [t for s in samples for t in s.labels]
-    paths = [p for s in samples for p in s.image_paths]
-    planned = [n for s in samples for n in s.image_tokens]
-    out: dict[str, Any] = {"input_ids": ids, "labels": labels, "pixel_values": None, "image_grid_thw": None}
-    if paths:
-        feats = image_processor(images=[load_rgb(p) for p in paths], return_tensors="pt")
-        merge = int(getattr(image_processor, "merge_size", 2) or 2)
-        actual = [int(t.prod()) // merge**2 for t in feats["image_grid_thw"]]
-        if actual != planned:  # the size-based count and the processor disagree: a bug, not data
-            raise RuntimeError(f"image tokens planned {planned} but the processor made {actual} ({paths})")
-        out["pixel_values"], out["image_grid_thw"] = feats["pixel_values"], feats["image_grid_thw"]
-    return out
-
-
-def collate(groups: Sequence[dict[str, Any]], pad_token_id: int, image_token_id: int) -> Batch:
-    """Right-padded (B, T) tensors; images of the batch concatenated in order."""
-    width = max(len(g["input_ids"]) for g in groups)
-    ids = torch.full((len(groups), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(groups), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(groups), width), dtype=torch.long)
-    for row, g in enumerate(groups):
-        n = len(g["input_ids"])
-        ids[row, :n] = torch.tensor(g["input_ids"])
-        labels[row, :n] = torch.tensor(g["labels"])
-        mask[row, :n] = 1
-    inputs = {"input_ids": ids, "attention_mask": mask}
-    vision = [g for g in groups if g["pixel_values"] is not None]
-    if vision:
-        inputs["pixel_values"] = torch.cat([g["pixel_values"] for g in vision])
-        inputs["image_grid_thw"] = torch.cat([g["image_grid_thw"] for g in vision])
-        inputs["mm_token_type_ids"] = mm_token_types(ids, image_token_id)
-    return Batch(inputs, labels, int(mask.sum()), int((labels[:, 1:] != IGNORE_INDEX).sum()))
+        index.append(i)
+    return samples, counts, index
 
 
 @dataclass
 class TrainingData:
     """Encoded samples, their grouping into sequences, and what was dropped."""
 
-    samples: list[EncodedSample]
+    samples: EncodedSet
     groups: list[list[int]]
     skipped: collections.Counter = field(default_factory=collections.Counter)
+    packed: bool = False
 
     def group(self, index: int) -> list[EncodedSample]:
-        return [self.samples[i] for i in self.groups[index]]
+        return [self.samples.sample(i) for i in self.groups[index]]
 
 
-def build_training_data(examples, tokenizer, image_processor, cutoff_length: int, packing: bool) -> TrainingData:
-    samples, skipped = encode_all(examples, tokenizer, image_processor, cutoff_length)
-    groups = pack([len(s) for s in samples], cutoff_length) if packing else [[i] for i in range(len(samples))]
-    return TrainingData(samples, groups, skipped)
+def build_training_data(examples, tokenizer, image_processor, cutoff_length: int, packing: bool,
+                        bounds: ImageBounds = ImageBounds(), encoded: EncodedSet | None = None,
+                        skipped: collections.Counter | None = None) -> TrainingData:
+    """Encode ``examples`` (or take the already ``encoded`` set) and group them into sequences."""
+    from .batches import pack
+
+    if encoded is None:
+        samples, skipped, index = encode_all(examples, tokenizer, image_processor, cutoff_length, bounds)
+        encoded = EncodedSet.from_samples(samples, index)
+    lengths = encoded.lengths().tolist()
+    groups = pack(lengths, cutoff_length) if packing else [[i] for i in range(len(encoded))]
+    return TrainingData(encoded, groups, skipped or collections.Counter(), packed=packing)

@@ -38,7 +38,10 @@ from ..models.loading import load_model_config, load_processor_parts
 from ..models.loading import load_model as load_weights
 from ..models.vlm import IMAGE_TOKEN
 from ..runtime import StageStopped, stop_requested
-from .data import IGNORE_INDEX, Batch, TrainingData, build_training_data, collate, epoch_micro_batches, load_group
+from .batches import Batch, collate, epoch_micro_batches, load_group
+from .cache import load_or_encode
+from .data import IGNORE_INDEX, TrainingData, build_training_data
+from .images import ImageBounds
 from .schedule import StepPlan, lr_multiplier, micro_batches_of_step, step_plan
 
 log = logging.getLogger("visionr1.sft")
@@ -78,7 +81,7 @@ def train_step(engine, batches: Sequence[Batch], env: DistEnv, lr: float) -> dic
     engine.zero_grad()
     loss_sum = 0.0
     for index, batch in enumerate(batches):
-        inputs = {k: v.to(env.device) for k, v in batch.inputs.items()}
+        inputs = {k: v.to(env.device) if torch.is_tensor(v) else v for k, v in batch.inputs.items()}
         logits = engine(**inputs).logits  # (B, T, V)
         loss = token_loss_sum(logits, batch.labels.to(env.device))
         # Ranks' gradients are averaged, so scale by world size: the sum over ranks of
@@ -102,10 +105,10 @@ class StepBatches(torch.utils.data.Dataset):
     """Micro-batch ``(epoch, index)`` -> collated ``Batch``; the DataLoader's workers prefetch."""
 
     def __init__(self, data: TrainingData, image_processor, batch_size: int, seed: int, env: DistEnv,
-                 pad_token_id: int, image_token_id: int):
+                 pad_token_id: int, image_token_id: int, bounds: ImageBounds = ImageBounds()):
         self.data, self.image_processor, self.batch_size, self.seed = data, image_processor, batch_size, seed
         self.rank, self.world_size = env.rank, env.world_size
-        self.pad_token_id, self.image_token_id = pad_token_id, image_token_id
+        self.pad_token_id, self.image_token_id, self.bounds = pad_token_id, image_token_id, bounds
 
     @lru_cache(maxsize=2)
     def epoch(self, epoch: int) -> list[list[int]]:
@@ -113,7 +116,8 @@ class StepBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> Batch:
         epoch, index = key
-        groups = [load_group(self.data.group(g), self.image_processor) for g in self.epoch(epoch)[index]]
+        groups = [load_group(self.data.group(g), self.image_processor, self.bounds, self.data.packed,
+                             self.image_token_id) for g in self.epoch(epoch)[index]]
         return collate(groups, self.pad_token_id, self.image_token_id)
 
     def __len__(self) -> int:
@@ -159,14 +163,32 @@ def load_model(config: SFTStageConfig, env: DistEnv, work: Path, weights_dir: Pa
     def load():
         model = load_weights(str(weights_dir) if weights_dir else source, LOAD_DTYPE[config.sft.precision],
                              config.model.attn_implementation, env.device)
-        if config.sft.freeze_vision_tower:  # before the optimizer is built: it never sees them
-            vision = getattr(model, "visual", None) or model.model.visual
-            vision.requires_grad_(False)
+        # Before the optimizer is built: it never sees the frozen parameters.
+        freeze_vision(model, config.sft.freeze_vision_tower, config.sft.freeze_multi_modal_projector)
         return model
 
     engine = make_engine(load, lambda: load_model_config(source), env, engine_spec(config, env))
     engine.train()
     return source, engine, tokenizer, image_processor
+
+
+def freeze_vision(model, tower: bool, projector: bool) -> dict[str, int]:
+    """Freeze Qwen2-VL's vision tower (patch embedding and blocks) and/or its projector
+    (``visual.merger``), as LLaMA-Factory's ``freeze_vision_tower`` and
+    ``freeze_multi_modal_projector`` do (both on by default there and here); returns the
+    number of parameters left trainable in each part."""
+    vision = getattr(model, "visual", None) or model.model.visual
+    for name, param in vision.named_parameters():
+        in_projector = name.startswith("merger.")
+        if (projector if in_projector else tower):
+            param.requires_grad_(False)
+    parts = {"vision_tower": 0, "projector": 0, "language_model": 0}
+    vision_ids = {id(p) for p in vision.parameters()}
+    merger_ids = {id(p) for p in vision.merger.parameters()}
+    for param in model.parameters():
+        part = "projector" if id(param) in merger_ids else "vision_tower" if id(param) in vision_ids else "language_model"
+        parts[part] += param.numel() if param.requires_grad else 0
+    return parts
 
 
 # --- the stage --------------------------------------------------------------------------------
@@ -198,7 +220,11 @@ def prepare(config: SFTStageConfig, env: DistEnv, work: Path, ckpt: CheckpointMa
     found = ckpt.restore_dir()  # resume: the weights load into the engine as it is built
     source, engine, tokenizer, image_processor = load_model(config, env, work, found[1] / "model" if found else None)
     read = read_cold(data_ref(config), config.storage, work / "cache")
-    data = build_training_data(read.items, tokenizer, image_processor, sft.cutoff_length, sft.packing)
+    bounds = image_bounds(sft)
+    encoded, encode_skipped, cached = load_or_encode(ckpt.store, work, read.items, tokenizer, image_processor,
+                                                     sft.cutoff_length, bounds, env, lambda: barrier(env))
+    data = build_training_data(read.items, tokenizer, image_processor, sft.cutoff_length, sft.packing, bounds,
+                               encoded=encoded, skipped=encode_skipped)
     skipped = {**dict(read.skipped), **{k: v for k, v in data.skipped.items() if v}}
     if not data.samples:
         raise RuntimeError(f"{data_ref(config).source}: no usable cold-start samples (skipped: {skipped})")
@@ -210,7 +236,11 @@ def prepare(config: SFTStageConfig, env: DistEnv, work: Path, ckpt: CheckpointMa
     log.info("SFT of %s on %d samples (%d sequences): steps %d..%d, %d per epoch", source,
              len(data.samples), len(data.groups), start, plan.total_steps, plan.steps_per_epoch)
     return SFTRun(config, env, ckpt, engine, tokenizer, image_processor, data, plan, start, found,
-                  {"samples": len(data.samples), "skipped": skipped, "model": source})
+                  {"samples": len(data.samples), "skipped": skipped, "model": source, "encoding_cached": cached})
+
+
+def image_bounds(sft) -> ImageBounds:
+    return ImageBounds(sft.image_max_pixels, sft.image_min_pixels)
 
 
 def train_stage(config: SFTStageConfig, env: DistEnv, work: Path, metrics: StageMetrics) -> dict[str, Any]:
@@ -241,7 +271,8 @@ def train_loop(run: SFTRun, metrics: StageMetrics) -> list[dict[str, float]]:
     """Steps ``run.start`` .. end: a checkpoint every ``saveEverySteps``, and on a stop request."""
     sft, plan, env = run.config.sft, run.plan, run.env
     dataset = StepBatches(run.data, run.image_processor, sft.per_device_batch_size, sft.seed, env,
-                          run.tokenizer.pad_token_id, run.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+                          run.tokenizer.pad_token_id, run.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+                          image_bounds(sft))
     batches = step_loader(dataset, plan, sft.gradient_accumulation_steps, run.start, env.device)
     history: list[dict[str, float]] = []
     for step in range(run.start, plan.total_steps):
