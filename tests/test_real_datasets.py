@@ -260,10 +260,11 @@ def vision_r1_cold(root: Path) -> None:
 def test_vision_r1_cold_as_published_with_configured_image_folders(tmp_path):
     root = tmp_path / "vision_r1_cold"
     vision_r1_cold(root)
-    png_file(tmp_path / "llava_cot_images" / "coco" / "train2017" / "1.jpg")
-    png_file(tmp_path / "mulberry_images" / "AI2D" / "2.png")
+    png_file(root / "llava_cot_images" / "coco" / "train2017" / "1.jpg")  # Vision-R1's README layout
+    png_file(root / "mulberry_images" / "AI2D" / "2.png")
+    (root / "llava_cot_images" / "coco" / "annotations.json").write_text("[{\"not\": \"a row\"}]")
     ref = DatasetRef.model_validate({"source": str(root), "imageRoots": [
-        str(tmp_path / "llava_cot_images"), f"file://{tmp_path / 'mulberry_images'}"]})
+        str(root / "llava_cot_images"), f"file://{root / 'mulberry_images'}"]})
     result = read_cold(ref)
     assert result.rows_read == 2 and not result.skipped  # dataset_info.json is not rows
     by_q = {ex.question: ex for ex in result.items}

@@ -11,8 +11,9 @@ and so does ``select_files``:
 2. else file and folder names: a subset or split ``x`` is a file whose stem is ``x``
    (``testmini.parquet``), a shard ``x-00000-of-00001.parquet``, or a folder ``x/``.
    ``testmini_text_only.parquet`` is *not* ``testmini``;
-3. else, for ``train`` only, every data file, when no file is named after any split
-   (the hub's rule for an unsplit repo such as Vision-R1-cold's two JSON files).
+3. else, for ``train`` only, the data files of an unsplit repo (no file named after any
+   split), such as Vision-R1-cold's two JSON files: those at the top of the folder when
+   there are any, else all of them.
 
 A split or subset that names nothing is a ``DataSourceError`` naming it and the files
 found, never a silent read of everything. The same rows stored twice (``x.parquet``
@@ -132,7 +133,11 @@ def select_files(directory: Path, found: list[Path], split: str, subset: str | N
     if named:
         return dedupe_forms(named)
     if split == "train" and not any(names(p, directory, k) for p in candidates for k in SPLIT_KEYWORDS):
-        return dedupe_forms(candidates)  # an unsplit repo: every file is its train split
+        # An unsplit repo: its files are the train split. Those at the top when there are
+        # any (Vision-R1-cold's two JSON files), so a stray JSON file inside an image
+        # folder kept beside them (llava_cot_images/...) is not read as rows.
+        top = [p for p in candidates if p.parent == directory]
+        return dedupe_forms(top or candidates)
     raise LayoutError(f"split {split!r} matches no file under {directory}"
                       f"{f' (subset {subset!r})' if subset else ''} (files: {_listing(directory, candidates)})")
 
