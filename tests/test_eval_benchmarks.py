@@ -201,8 +201,8 @@ def test_dynamath_rows_tolerance_and_worst_case(tmp_path):
     summary = summarize(records)
     assert summary["accuracy"] == round(2 / 3, 4) and summary["n"] == 3
     assert summary["worstCaseAccuracy"] == 0.5 and summary["questions"] == 2  # qid 1 fails on variant 2
-    assert summary["categories"]["subject:PG"] == {"accuracy": 0.5, "n": 2}
-    assert summary["categories"]["level:undergraduate"] == {"accuracy": 1.0, "n": 1}
+    assert summary["categories"]["subject:PG"] == {"accuracy": 0.5, "n": 2, "worstCaseAccuracy": 0.0}
+    assert summary["categories"]["level:undergraduate"] == {"accuracy": 1.0, "n": 1, "worstCaseAccuracy": 1.0}
 
 
 def test_synthetic_eval_split(tmp_path):

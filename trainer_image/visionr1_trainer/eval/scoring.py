@@ -225,7 +225,13 @@ def _category_scores(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]
         for group, values in (record.get("categories") or {}).items():
             for value in values:
                 members[f"{group}:{value}"].append(record)
-    return {name: _scores(members[name]) for name in sorted(members)}
+    out = {}
+    for name in sorted(members):
+        out[name] = _scores(members[name])
+        worst, groups = _worst_case(members[name])
+        if groups:  # DynaMath reports its worst case per subject and level too
+            out[name]["worstCaseAccuracy"] = worst
+    return out
 
 
 def _worst_case(records: Iterable[dict[str, Any]]) -> tuple[float | None, int]:
