@@ -225,6 +225,8 @@ def test_mmmath_hub_name_is_read_as_the_repo_files(tmp_path, monkeypatch):
     with zipfile.ZipFile(repo / "MM_Math" / "MM_Math.zip", "w") as z:
         z.writestr("1.png", png_bytes())
         z.writestr("2.png", png_bytes())
+    # a card whose configs list the image folder's pictures (the hub's image-folder view)
+    readme(repo, "- config_name: default\n  data_files:\n  - split: train\n    path: MM_Math/*.png\n")
     seen = {}
 
     def fake_snapshot(repo_id, repo_type=None, allow_patterns=None, cache_dir=None, **kw):

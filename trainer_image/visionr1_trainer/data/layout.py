@@ -23,8 +23,11 @@ beside ``x.json``, as MathVerse ships them) are read once, from the parquet file
 from __future__ import annotations
 
 import fnmatch
+import logging
 import re
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 # The hub's split names (datasets' keyword list): a file named after one belongs to it.
 SPLIT_KEYWORDS = ("train", "training", "test", "testing", "eval", "evaluation", "validation", "valid", "val",
@@ -121,7 +124,13 @@ def select_files(directory: Path, found: list[Path], split: str, subset: str | N
     """The data files of ``split`` (and ``subset``) among ``found`` (see the module docstring)."""
     configs = readme_configs(directory)
     if configs is not None:
-        return _from_configs(directory, found, configs, split, subset)
+        chosen = _from_configs(directory, found, configs, split, subset)
+        if chosen:
+            return chosen
+        # The config's files hold no rows we read (an image folder's pictures or zips, as
+        # MM-Math's card describes its repo): choose by names instead.
+        log.info("%s: README.md's files for split %r are not parquet/json rows; choosing by file names",
+                 directory, split)
     candidates = found
     if subset:
         candidates = [p for p in found if names(p, directory, subset)]
@@ -161,6 +170,14 @@ def _from_configs(directory: Path, found: list[Path], configs: list[dict], split
     relative = {p: str(p.relative_to(directory)) for p in found}
     files = [p for p in found if any(fnmatch.fnmatchcase(relative[p], glob) for glob in splits[split])]
     if not files:
+        if all(_names_other_files(glob) for glob in splits[split]):
+            return []  # the config lists images or archives, not rows: the caller chooses by names
         raise LayoutError(f"split {split!r} of config {name!r} ({', '.join(splits[split])}) matches no file "
                           f"under {directory} (files: {_listing(directory, found)})")
     return dedupe_forms(files)
+
+
+def _names_other_files(glob: str) -> bool:
+    """Whether ``glob`` names files of another kind than rows (``*.png``, ``images.zip``)."""
+    tail = glob.rsplit("/", 1)[-1]
+    return "." in tail and not tail.endswith(tuple(_FORM_ORDER)) and not tail.endswith("*")
