@@ -17,6 +17,9 @@ from visionr1_trainer.runtime import reset_stop
 from grpo_harness import build_warm_model, grpo_config, write_color_task
 
 
+pytestmark = pytest.mark.timeout(600)  # whole stages on a shared CPU
+
+
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     base = tmp_path_factory.mktemp("grpo-options")

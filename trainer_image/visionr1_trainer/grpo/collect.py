@@ -22,10 +22,14 @@ import torch
 
 from ..distributed import all_reduce_max
 from ..models.vlm import encode_prompts
-from .algos import dynamic_sampling_keep, mask_truncated, soft_overlong_penalty
+from .algos import dynamic_sampling_keep, group_length_penalty, mask_truncated, soft_overlong_penalty
 from .batch import PolicyBatch, build_policy_batch, concat_batches, select_groups
 from .reward import RewardResult, batch_rewards
+from .reward_plugins import RewardScorer
 from .rollout import Rollout, SamplingSettings
+
+# The default reward alone (a state built without a scorer: the benchmark's).
+HFRRF_ONLY = RewardScorer([("hfrrf", 1.0, "grpo.reward")], timeout_s=1.0)
 
 # Seeds of the extra rounds' prompt streams: far from the step's own stream (seed).
 _ROUND_SEED_STRIDE = 1_000_003
@@ -41,6 +45,7 @@ class Round:
     scored: list[RewardResult]
     rewards: torch.Tensor  # (B,) shaped rewards (what the advantages are computed from)
     batch: PolicyBatch
+    plugin_stats: dict[str, float]  # plug-in rewards' error and timeout counts
 
 
 @dataclass
@@ -51,10 +56,16 @@ class StepBatch:
     stats: dict[str, torch.Tensor]
 
 
-def shaped_rewards(scored: list[RewardResult], rollout: Rollout, grpo, max_completion_length: int) -> torch.Tensor:
-    """(B,) rewards: HFRRF, 0 for rows that sampled a vision token, plus the overlong penalty."""
-    rewards = torch.tensor([r.reward for r in scored], dtype=torch.float32)
+def shaped_rewards(rewards: torch.Tensor, scored: list[RewardResult], rollout: Rollout, grpo,
+                   max_completion_length: int, group_size: int) -> torch.Tensor:
+    """(B,) rewards as trained on: ``rewards`` (the reward terms' sum), 0 for rows that
+    sampled a vision token, times the length penalty on correct completions (HFRRF's
+    verdict), plus the soft overlong penalty."""
+    rewards = rewards.clone()
     rewards[rollout.vision_token_rows] = 0.0
+    if grpo.length_penalty > 0:
+        correct = torch.tensor([r.reward > 0 for r in scored]) & ~rollout.vision_token_rows
+        rewards = rewards * group_length_penalty(rollout.lengths, correct, group_size, grpo.length_penalty)
     if grpo.overlong == "softPenalty":
         rewards = rewards + soft_overlong_penalty(rollout.lengths, max_completion_length, grpo.overlong_buffer,
                                                   grpo.overlong_penalty_factor)
@@ -76,12 +87,16 @@ def rollout_round(state, examples: list, step: int) -> Round | None:
     sampling = SamplingSettings(group, ptst.max_completion_length, grpo.temperature, grpo.top_p)
     rollout = state.rollout.generate(prompts, images_per_prompt, sampling, step=step)
     texts = decode_completions(state.tokenizer, rollout.completion_ids, rollout.mask)
-    scored = batch_rewards(texts, [ex.answer for ex in examples for _ in range(group)])
-    rewards = shaped_rewards(scored, rollout, grpo, ptst.max_completion_length)
+    truths = [ex.answer for ex in examples for _ in range(group)]
+    scored = batch_rewards(texts, truths)  # HFRRF: the default reward, and the accuracy metrics
+    problems = [ex.problem for ex in examples for _ in range(group)]
+    scorer = state.scorer or HFRRF_ONLY
+    summed, plugin_stats = scorer(scored, texts, truths, problems)
+    rewards = shaped_rewards(summed, scored, rollout, grpo, ptst.max_completion_length, group)
     batch = build_policy_batch(prompts, images_per_prompt, rollout, group, state.tokenizer, state.image_token_id)
     if grpo.overlong == "mask":
         batch.loss_mask = mask_truncated(batch.loss_mask, rollout.truncated)
-    return Round(examples, prompts, rollout, scored, rewards, batch)
+    return Round(examples, prompts, rollout, scored, rewards, batch, plugin_stats)
 
 
 def collect_batch(state, step: int, chosen: list[int], extra_indices) -> StepBatch:
@@ -95,7 +110,7 @@ def collect_batch(state, step: int, chosen: list[int], extra_indices) -> StepBat
     if first is None:
         raise RuntimeError(f"step {step}: every prompt is longer than maxPromptLength={grpo.max_prompt_length} tokens")
     if not grpo.dynamic_sampling:
-        return StepBatch(first, first.batch, first.rewards, {})
+        return StepBatch(first, first.batch, first.rewards, {k: torch.tensor(v) for k, v in first.plugin_stats.items()})
     target = len(chosen)  # groups this rank trains on when nothing is dropped
     keep = dynamic_sampling_keep(first.rewards, group)
     parts, rewards = [_kept(first, keep, target)], [_kept_rewards(first, keep, target, group)]
@@ -116,7 +131,7 @@ def collect_batch(state, step: int, chosen: list[int], extra_indices) -> StepBat
         rewards.append(_kept_rewards(more, keep, take, group))
         kept += min(int(keep.sum()), take)
     stats = {"dynamic_dropped_groups": dropped, "dynamic_extra_prompts": extra_prompts,
-             "dynamic_extra_rounds": rounds, "dynamic_kept_groups": kept}
+             "dynamic_extra_rounds": rounds, "dynamic_kept_groups": kept, **first.plugin_stats}
     batch = concat_batches([p for p in parts if p.rows], state.tokenizer.pad_token_id) if kept else None
     reward = torch.cat(rewards) if kept else None
     if batch is None:

@@ -36,6 +36,7 @@ from .batch import aggregation_weight, micro_batches, pad_groups, sequence_logpr
 from .collect import collect_batch, decode_completions  # noqa: F401  (decode_completions: the bench uses it)
 from .engine import EngineSpec, make_engine, make_reference
 from .logprob_head import LogprobModel
+from .reward_plugins import RewardScorer
 from .rollout import RolloutBackend, make_rollout
 
 log = logging.getLogger("visionr1.grpo")
@@ -54,6 +55,7 @@ class GRPOState:
     rollout: RolloutBackend
     examples: list
     image_token_id: int
+    scorer: Any = None  # RewardScorer (grpo/reward_plugins.py)
     history: list[dict] = field(default_factory=list)
 
 
@@ -276,10 +278,19 @@ def check_rank_split(config: GRPOStageConfig, env: DistEnv) -> None:
 
 
 def train_stage(config: GRPOStageConfig, env: DistEnv, work: Path, metrics: StageMetrics) -> dict[str, Any]:
+    grpo = config.grpo
+    check_rank_split(config, env)
+    scorer = RewardScorer.from_settings(grpo).start()  # a plug-in that does not import exits 2 before any model loads
+    try:
+        return _train(config, env, work, metrics, scorer)
+    finally:
+        scorer.close()
+
+
+def _train(config: GRPOStageConfig, env: DistEnv, work: Path, metrics: StageMetrics, scorer) -> dict[str, Any]:
     from ..data.formats import read_rl
 
     grpo, total = config.grpo, config.ptst.steps
-    check_rank_split(config, env)
     torch.manual_seed(grpo.seed + env.rank)
     ckpt = CheckpointManager(config.output_uri, config.storage, work)
     found = ckpt.restore_dir()  # resume: weights load into the engine as it is built
@@ -296,7 +307,7 @@ def train_stage(config: GRPOStageConfig, env: DistEnv, work: Path, metrics: Stag
     state = GRPOState(
         config, env, engine, reference, tokenizer, image_processor,
         make_rollout(grpo.rollout_backend, engine, tokenizer, env, config), data.items,
-        tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), scorer,
     )
     metrics.set(total_steps=total)
     metrics.event("start", step=start, init=source, examples=len(data.items),
@@ -305,6 +316,14 @@ def train_stage(config: GRPOStageConfig, env: DistEnv, work: Path, metrics: Stag
     log.info("PTST stage %d/%d: %d x %d, steps %d..%d, from %s, %s", config.ptst_index, config.ptst_total,
              config.ptst.max_completion_length, config.ptst.num_generations, start, total, source,
              engine.describe())
+    return run_steps(state, ckpt, metrics, start, total)
+
+
+def run_steps(state: GRPOState, ckpt: CheckpointManager, metrics: StageMetrics, start: int, total: int) -> dict[str, Any]:
+    """Steps ``start..total`` of the stage, its checkpoints and its committed model."""
+    config, env, engine, tokenizer, image_processor = (state.config, state.env, state.engine, state.tokenizer,
+                                                       state.image_processor)
+    grpo = config.grpo
     for step in range(start, total):
         if stop_requested():
             save_checkpoint(state, ckpt, metrics, step)
