@@ -149,7 +149,7 @@ def test_ctrl_c_stops_after_the_stage_commits_and_the_run_resumes(tmp_path, inpu
     assert "run the same command again to resume" in " ".join(output.split())
     status = load_status(directory)
     record = {s.name: s for s in status.stages}["ptst-1"]
-    assert status.phase == "Suspended" and record.state == "Pending" and record.message == "stopped on request"
+    assert status.phase == "Suspended" and record.state == "Pending" and record.message == "stopped on request (SIGINT)"
     done = len(read_jsonl(log))
     assert (directory / "ptst-1" / "checkpoints" / f"step-{done:08d}" / "_COMMITTED.json").exists()
 

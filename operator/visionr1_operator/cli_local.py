@@ -23,14 +23,18 @@ def _errors(lines) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .local.executor import execute, with_local_storage
     from .local.display import RichDisplay
+    from .local.executor import execute, with_local_storage
+    from .local.lock import RunLocked
 
     try:
         run = with_local_storage(load_run(args.file), args.storage)
     except ManifestError as exc:
         return _errors(exc.lines())
-    return execute(run, RichDisplay(), metrics_port=args.metrics_port)
+    try:
+        return execute(run, RichDisplay(), metrics_port=args.metrics_port)
+    except RunLocked as exc:
+        return _errors([f"error: {exc}"])
 
 
 def _run_dir(target: str) -> Path:
@@ -71,7 +75,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as exc:
         return _errors([f"visionr1 report needs matplotlib (the train extra): {exc}"])
     console = Console(highlight=False)
-    print_status(console, directory.name, load_status(directory))
+    if getattr(args, "show_status", True):  # the demo has just printed it at the run's end
+        print_status(console, directory.name, load_status(directory))
     _print_eval(console, directory)
     console.print(f"report: {index}")
     for name, path in plots.items():
@@ -107,7 +112,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     code = cmd_run(argparse.Namespace(file=str(DEMO_MANIFEST), storage=None, metrics_port=args.metrics_port))
     if code:
         return code
-    return cmd_report(argparse.Namespace(target=str(DEMO_MANIFEST)))
+    return cmd_report(argparse.Namespace(target=str(DEMO_MANIFEST), show_status=False))
 
 
 def register(sub) -> None:

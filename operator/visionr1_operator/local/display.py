@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -39,12 +40,23 @@ class RichDisplay:
     def _task(self, plan: StagePlan) -> int:
         return self.tasks[plan.name]
 
-    def skipped(self, plan: StagePlan, changed: bool = False) -> None:
+    def waiting(self, message: str) -> None:
+        self.console.print(f"[yellow]waiting[/]: {escape(message)}")
+
+    def skipped(self, plan: StagePlan) -> None:
         self.bars.update(self._task(plan), total=1, completed=1, live="committed earlier: skipped")
-        if changed:
-            self.console.print(
-                f"[yellow]warning[/]: {plan.name} already finished with other settings; the change is not "
-                f"applied to it (delete {plan.output_uri} to run it again)")
+
+    def note(self, plan: StagePlan, message: str) -> None:
+        self.console.print(f"[yellow]note[/]: {plan.name}: {escape(message)}")
+
+    def rerun(self, plan: StagePlan, changed: list[str], committed: bool) -> None:
+        what = escape(", ".join(changed))
+        if committed:
+            self.console.print(f"[yellow]{plan.name}[/]: its inputs changed since it was committed ({what}): "
+                               "running it again from scratch (its old output is removed)")
+        else:
+            self.console.print(f"[yellow]{plan.name}[/]: its inputs changed since it was interrupted ({what}): "
+                               "starting it fresh, not resuming from its checkpoints")
 
     def progress(self, plan: StagePlan, p: StageProgress) -> None:
         task = self._task(plan)
@@ -63,19 +75,24 @@ class RichDisplay:
 
     def stopped(self, plan: StagePlan, record: StageStatus, log_tail: str) -> None:
         self.bars.stop()
-        self.console.print(f"[yellow]stopped during {plan.name}[/]: committed progress is kept; "
-                           "run the same command again to resume")
+        self.console.print(f"[yellow]stopped during {plan.name}[/] ({escape(record.message or '')}): committed progress is "
+                           "kept; run the same command again to resume")
+
+    def stopped_before(self, plan: StagePlan, why: str) -> None:
+        self.bars.stop()
+        self.console.print(f"[yellow]stopped before {plan.name}[/] ({escape(why)}): every stage before it is committed; "
+                           "run the same command again to continue")
 
     def failed(self, plan: StagePlan, record: StageStatus, log_tail: str) -> None:
         self.bars.stop()
-        self.console.print(f"[red]stage {plan.name} failed[/]: {record.message}")
+        self.console.print(f"[red]stage {plan.name} failed[/]: {escape(record.message or '')}")
         if log_tail:
             self.console.print(log_tail, markup=False, highlight=False)
 
-    def done(self, status: VisionR1RunStatus, directory: Path) -> None:
+    def done(self, run: VisionR1Run, status: VisionR1RunStatus, directory: Path) -> None:
         self.bars.stop()
         self.console.print(f"[green]Succeeded[/]: every stage committed. Report: visionr1 report {directory}")
-        print_status(self.console, "run", status)
+        print_status(self.console, run.name, status)
 
 
 def _summary_text(summary: dict | None) -> str:
@@ -88,9 +105,20 @@ def _summary_text(summary: dict | None) -> str:
     return ", ".join(parts) or "done"
 
 
+def latest_reward(status: VisionR1RunStatus) -> float | None:
+    """The running stage's live reward, else the last finished stage's that has one (GRPO)."""
+    if status.phase == "Running" and status.progress and status.progress.reward is not None:
+        return status.progress.reward
+    for stage in reversed(status.stages):
+        reward = (stage.summary or {}).get("reward")
+        if stage.state == "Succeeded" and isinstance(reward, (int, float)):
+            return float(reward)
+    return status.progress.reward if status.progress else None
+
+
 def print_status(console: Console, name: str, status: VisionR1RunStatus) -> None:
-    """`kubectl get vr1`-style view of a status."""
-    reward = status.progress.reward if status.progress else None
+    """`kubectl get vr1`-style view of a status; ``name`` is the run's."""
+    reward = latest_reward(status)
     head = Table(box=None, show_edge=False)
     for col in ("NAME", "PHASE", "STAGE", "REWARD"):
         head.add_column(col)
