@@ -183,7 +183,29 @@ def structural_errors(doc: Any, crd: dict[str, Any] | None = None) -> list[str]:
     for err in sorted(_validator(schema).iter_errors(doc), key=lambda e: list(map(str, e.absolute_path))):
         errors.append(_schema_error_line(err))
     errors += [f"{p}: unknown field \"{p}\"" for p in unknown_fields(schema, doc)]
+    errors += list(list_map_duplicates(schema, doc))
     return errors
+
+
+def list_map_duplicates(schema: Node, doc: Any, parts: tuple = ()) -> Iterator[str]:
+    """``x-kubernetes-list-type: map``: two items with the same keys, as the API server reports them."""
+    if isinstance(doc, dict):
+        props = schema.get("properties", {})
+        for key, value in doc.items():
+            if key in props:
+                yield from list_map_duplicates(props[key], value, (*parts, key))
+    elif isinstance(doc, list):
+        items = schema.get("items", {})
+        if schema.get("x-kubernetes-list-type") == "map":
+            keys = schema["x-kubernetes-list-map-keys"]
+            seen = set()
+            for i, item in enumerate(doc):
+                key = tuple(item.get(k) for k in keys) if isinstance(item, dict) else None
+                if key in seen:
+                    yield f"{path_str((*parts, i))}: Duplicate value: {dict(zip(keys, key))}"
+                seen.add(key)
+        for i, item in enumerate(doc):
+            yield from list_map_duplicates(items, item, (*parts, i))
 
 
 def _type_errors(doc: dict[str, Any], crd: dict[str, Any]) -> list[str]:

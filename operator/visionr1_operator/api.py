@@ -34,7 +34,7 @@ from visionr1_trainer.config import (
 )
 
 from .affinity import MAX_LABELS, Affinity, LabelValue
-from .pod_settings import PodSettings
+from .pod_settings import PodSettings, SizeLimit
 
 GROUP = "visionr1.io"
 VERSION = "v1alpha1"
@@ -94,9 +94,10 @@ class Resources(Schema):
         default="16Gi",
         description="Size of the memory-backed /dev/shm (NCCL and data loaders need more than the default 64Mi).",
     )
-    scratch_size: Quantity | None = Field(
+    # A pattern, not the int-or-string Quantity with its CEL rule: the CRD's CEL cost budget is shared.
+    scratch_size: SizeLimit | None = Field(
         default=None,
-        description="Size of /scratch (the hub cache, the work directory, the JIT caches): the emptyDir's "
+        description="Size of /scratch, a quantity such as '500Gi' (the hub cache, the work directory, the JIT caches): the emptyDir's "
         "sizeLimit and the pod's ephemeral-storage request. Default: from the model's parameter count "
         "in its name and the stage's kind (see docs/cluster.md), else 200Gi.",
     )

@@ -18,7 +18,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, StringConstraints, model_validator
 
-from visionr1_trainer.schema import DNS_LABEL, DNS_SUBDOMAIN, CelRule, Quantity, Schema, raise_problems
+from visionr1_trainer.schema import DNS_LABEL, DNS_SUBDOMAIN, QUANTITY_PATTERN, CelRule, Schema, raise_problems
 
 # --- what the operator sets (and so a user may not) -----------------------------------------
 
@@ -52,13 +52,16 @@ LabelValue = Annotated[str, StringConstraints(max_length=63, pattern=r"^(([A-Za-
 AnnotationValue = Annotated[str, StringConstraints(max_length=16384)]
 # What Kubernetes accepts as an environment variable name (IsEnvVarName).
 ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
-EnvName = Annotated[str, StringConstraints(min_length=1, max_length=253, pattern=ENV_NAME)]
+# Bounds kept small on purpose: the API server prices every CEL rule by the longest string
+# and the longest list it may see, summed over the CRD, and these models sit in every stage.
+EnvName = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=ENV_NAME)]
 VolumeName = Annotated[str, StringConstraints(min_length=1, max_length=63, pattern=DNS_LABEL)]
 ObjectName = Annotated[str, StringConstraints(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN)]
 Key = Annotated[str, StringConstraints(min_length=1, max_length=253)]
 # An absolute path without empty segments or a trailing slash; "." and ".." are refused below.
 PATH = r"^(/[^/]+)+$"
-MountPath = Annotated[str, StringConstraints(max_length=1024, pattern=PATH)]
+MountPath = Annotated[str, StringConstraints(max_length=256, pattern=PATH)]
+SizeLimit = Annotated[str, StringConstraints(max_length=64, pattern=QUANTITY_PATTERN)]
 
 
 def _key_problems(field: str, keys, *, labels: bool) -> list[tuple[str, str]]:
@@ -171,7 +174,9 @@ class PVCVolume(Schema):
 
 class EmptyDirVolume(Schema):
     medium: Literal["", "Memory"] = Field(default="", description="'' (node disk) or Memory (tmpfs).")
-    size_limit: Quantity | None = Field(default=None, description="Size limit.")
+    # A string with a pattern, not the int-or-string Quantity: its CEL rule, in a list of
+    # volumes in every stage, is over the API server's cost budget.
+    size_limit: SizeLimit | None = Field(default=None, description="Size limit (a quantity: '100Gi').")
 
 
 class NFSVolume(Schema):
@@ -277,7 +282,8 @@ class RDMA(Schema):
     image ships libibverbs, so NCCL uses the devices without falling back to TCP.
     """
 
-    cel_rules = (CelRule("self.resources.all(k, k.matches('" + RDMA_RESOURCE + "'))",
+    # startsWith, not matches: a regex over a map key (no maxLength) is priced far over budget.
+    cel_rules = (CelRule("self.resources.all(k, k.startsWith('rdma/') && size(k) > 5)",
                          "rdma.resources: names are rdma/<name> (the RDMA device plugin's resources)",
                          ".resources"),)
 
@@ -297,29 +303,32 @@ class RDMA(Schema):
 # --- the stage's pod ------------------------------------------------------------------------
 
 
+def _list_map(key: str) -> dict:
+    return {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": [key]}
+
+
 class PodSettings(Schema):
     """What a cluster adds to this stage's pods, besides what the operator sets."""
 
     cel_rules = (
         _key_rule("labels", labels=True),
         _key_rule("annotations", labels=False),
-        CelRule("self.env.all(e, self.env.exists_one(f, f.name == e.name))", "env: names must be unique", ".env"),
-        CelRule("self.volumes.all(v, self.volumes.exists_one(w, w.name == v.name))",
-                "volumes: names must be unique", ".volumes"),
         CelRule("self.volumeMounts.all(m, self.volumes.exists(v, v.name == m.name))",
                 "volumeMounts: each name must be one of pod.volumes", ".volumeMounts"),
-        CelRule("self.volumeMounts.all(m, self.volumeMounts.exists_one(n, n.mountPath == m.mountPath))",
-                "volumeMounts: mount paths must be unique", ".volumeMounts"),
     )
 
     labels: dict[str, LabelValue] = Field(default_factory=dict, max_length=MAX_KEYS, description="Extra pod labels.")
     annotations: dict[str, AnnotationValue] = Field(
         default_factory=dict, max_length=MAX_KEYS, description="Extra pod annotations.")
-    env: list[EnvVar] = Field(default_factory=list, max_length=MAX_KEYS,
+    # Unique names and paths: list-type map, as core/v1 keys them (no CEL cost: the API
+    # server prices every rule of the CRD together, and this schema is in every stage).
+    env: list[EnvVar] = Field(default_factory=list, max_length=MAX_ITEMS, json_schema_extra=_list_map("name"),
                               description="Extra environment of the trainer container.")
-    volumes: list[Volume] = Field(default_factory=list, max_length=MAX_ITEMS, description="Extra volumes.")
+    volumes: list[Volume] = Field(default_factory=list, max_length=MAX_ITEMS, json_schema_extra=_list_map("name"),
+                                  description="Extra volumes.")
     volume_mounts: list[VolumeMount] = Field(
-        default_factory=list, max_length=MAX_ITEMS, description="Mounts of the extra volumes in the trainer container.")
+        default_factory=list, max_length=MAX_ITEMS, json_schema_extra=_list_map("mountPath"),
+        description="Mounts of the extra volumes in the trainer container.")
     scheduler_name: str | None = Field(default=None, max_length=253, pattern=DNS_SUBDOMAIN,
                                        description="Scheduler of the pods (default: the cluster's).")
     runtime_class_name: str | None = Field(default=None, max_length=253, pattern=DNS_SUBDOMAIN,
