@@ -134,3 +134,31 @@ def test_format_instruction_goes_to_the_named_baselines_only(tmp_path, scripted)
     assert len(with_it) == 3 and len(scripted.prompts) == 6  # base only, not the trained model
     with pytest.raises(ValueError, match="eval.formatInstructionFor: 'sft' is not a model label"):
         eval_stage.plan_units(config(tmp_path / "bad", bench, formatInstructionFor=["sft"]))
+
+
+def test_a_split_that_names_no_file_is_a_bad_config_not_retried(tmp_path, scripted, monkeypatch):
+    # A wrong split or subset cannot be fixed by a retry: exit 2 (the operator's "do not
+    # retry" rule), still with the other benchmarks' scores in the termination message.
+    good = mathvista_dir(tmp_path / "mathvista")
+    cfg = config(tmp_path, [
+        {"name": "mathvista", "format": "mathvista", "data": {"source": str(good)}},
+        {"name": "mmmath", "format": "mmmath", "data": {"source": str(good), "split": "test"}},
+    ])
+    path = tmp_path / "stage.json"
+    path.write_text(cfg.model_dump_json(by_alias=True))
+    monkeypatch.setattr(entry, "install_signal_handlers", lambda: None)
+    assert entry.main(["eval", "--config", str(path)]) == 2
+    message = json.loads((tmp_path / "termination").read_text())
+    assert message["benchmarks"]["mathvista"]["base"]["accuracy"] == 1.0
+    assert "split 'test'" in message["benchmarks"]["mmmath"]["base"]["error"]
+    assert "split 'test'" in message["error"]
+
+
+def test_a_wrong_split_of_a_training_source_is_an_unusable_setting(tmp_path):
+    from visionr1_trainer.data.sources import DataSourceError, resolve
+    from visionr1_trainer.runtime import UnusableSetting
+
+    good = mathvista_dir(tmp_path / "mathvista")
+    with pytest.raises(UnusableSetting, match="split 'train'") as err:
+        resolve(str(good), split="train")
+    assert isinstance(err.value, DataSourceError)

@@ -72,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         status, summary = EXIT_STOPPED, {"stopped": True}
     except UnusableSetting as exc:  # retrying cannot help: the config asks for what cannot run here
         print(f"error: {redact(exc)}", file=sys.stderr)
-        status, summary = EXIT_BAD_CONFIG, {"error": str(exc)[:1000]}
+        partial = getattr(exc, "summary", None)
+        status, summary = EXIT_BAD_CONFIG, {**(partial if isinstance(partial, dict) else {}),
+                                            "error": str(exc)[:1000]}
     except Exception as exc:  # the stage failed: say why, in the log and in the summary
         print(redact(traceback.format_exc()), file=sys.stderr, end="")
         # A stage that did part of its work (the eval stage's other benchmarks) says so too.

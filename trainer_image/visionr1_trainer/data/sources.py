@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .layout import LayoutError, names, select_files
+from ..runtime import UnusableSetting
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,11 @@ class DataSourceError(Exception):
         from ..redact import redact
 
         super().__init__(redact(message))
+
+
+class DataSelectionError(DataSourceError, UnusableSetting):
+    """A split or subset that names no data: a retry cannot help, so the stage exits 2 (the
+    operator's "unusable config" rule) instead of being retried up to its backoffLimit."""
 
 
 class UnsafePath(ValueError):
@@ -169,7 +175,7 @@ def _local(description: str, path: Path, split: str, subset: str | None = None,
         if path.suffix not in DATA_SUFFIXES:
             raise DataSourceError(f"{description}: {path.name} is not a parquet, jsonl or json file")
         if subset and not names(path, path.parent, subset):
-            raise DataSourceError(f"{description}: subset {subset!r} does not name the file {path.name}; "
+            raise DataSelectionError(f"{description}: subset {subset!r} does not name the file {path.name}; "
                                   "point source at the folder holding the subsets, or drop subset")
         return ResolvedSource(description, [path], path.parent, single_file=True)
     if (path / DATASET_ARTIFACT / COMMIT_MARKER).is_file():
@@ -185,7 +191,7 @@ def _local(description: str, path: Path, split: str, subset: str | None = None,
     try:
         files = select_files(path, found, split, subset, split_aliases)
     except LayoutError as exc:
-        raise DataSourceError(f"{description}: {exc}") from None
+        raise DataSelectionError(f"{description}: {exc}") from None
     return ResolvedSource(description, files, path)
 
 
@@ -351,7 +357,7 @@ def _saved_rows(path: Path, split: str) -> Iterator[dict]:
     ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
-            raise DataSourceError(f"{path}: no split {split!r} (has {sorted(ds)})")
+            raise DataSelectionError(f"{path}: no split {split!r} (has {sorted(ds)})")
         ds = ds[split]
     yield from ds
 

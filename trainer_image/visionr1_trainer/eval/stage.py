@@ -38,7 +38,7 @@ from typing import Any
 from ..checkpoint import CheckpointManager, resolve_model_dir
 from ..config import BenchmarkSpec, EvalSettings, EvalStageConfig
 from ..metrics import METRICS_LOG, StageMetrics
-from ..runtime import TERMINATION_MESSAGE_LIMIT, StageStopped, stop_requested, work_dir
+from ..runtime import TERMINATION_MESSAGE_LIMIT, StageStopped, UnusableSetting, stop_requested, work_dir
 from .benchmarks import EvalItem, load_benchmark
 from .judge import Judge
 from .sampling import Sampler, SamplingSettings, make_sampler, prompt_text, sample_with_retries
@@ -71,6 +71,11 @@ class BenchmarksFailed(Exception):
     def __init__(self, message: str, summary: dict[str, Any]):
         super().__init__(message)
         self.summary = summary
+
+
+class BenchmarksUnusable(BenchmarksFailed, UnusableSetting):
+    """Every failed benchmark names data that is not there (a split or subset matching no
+    file): retrying cannot help, so the stage exits 2."""
 
 
 @dataclass(frozen=True)
@@ -274,6 +279,7 @@ def evaluate(config: EvalStageConfig, work: Path, metrics: StageMetrics) -> dict
     benchmarks = Benchmarks(config)
     judge = Judge(config.eval.judge) if config.eval.judge is not None else None
     scores: dict[str, dict] = {}
+    retryable: set[str] = set()  # failed units a retry might fix (not a missing split)
     metrics.set(total_steps=len(units))
     metrics.event("start", units=[u.name for u in units], attempt=config.attempt, backend=config.eval.backend)
     for label in config.models:
@@ -300,6 +306,8 @@ def evaluate(config: EvalStageConfig, work: Path, metrics: StageMetrics) -> dict
                         log.error("%s: failed, the other benchmarks go on: %s", unit.name, message)
                         metrics.event("unit_failed", unit=unit.name, error=message[:1000])
                         scores[unit.name] = {"error": message[:2000], "n": 0}
+                        if not isinstance(exc, UnusableSetting):
+                            retryable.add(unit.name)
                         continue
                     metrics.log(len(scores), metric_values(unit, scores[unit.name]))
             finally:
@@ -311,8 +319,9 @@ def evaluate(config: EvalStageConfig, work: Path, metrics: StageMetrics) -> dict
     failed = sorted({u.benchmark.name for u in units if scores[u.name].get("error")})
     if failed:
         first = next(scores[u.name]["error"] for u in units if scores[u.name].get("error"))
-        raise BenchmarksFailed(f"benchmark(s) {', '.join(failed)} failed, the others are scored: "
-                               f"{first}"[:ERROR_CHARS], compact)
+        error = BenchmarksFailed if retryable else BenchmarksUnusable
+        raise error(f"benchmark(s) {', '.join(failed)} failed, the others are scored: "
+                    f"{first}"[:ERROR_CHARS], compact)
     return compact
 
 
