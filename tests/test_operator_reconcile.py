@@ -137,6 +137,24 @@ def test_the_eval_stages_summary_is_the_runs_eval_results():
     assert sim.status.eval == {"benchmarks": table, "artifactUri": "s3://x/eval/results"}
 
 
+def test_a_failed_eval_stage_keeps_the_scores_of_the_benchmarks_it_scored():
+    sim = Sim()
+    sim.step()
+    for stage in STAGES[:-1]:
+        sim.succeed(f"r-{stage}-1")
+    table = {"mathvista": {"ptst-2": {"accuracy": 0.52, "n": 1000}},
+             "mmmath": {"ptst-2": {"error": "DataSourceError: split 'test' matches no file", "n": 0}}}
+    sim.set_job("r-eval-1", "Failed", reason="PodFailurePolicy",
+                message="Container trainer for pod default/x failed with exit code 2 matching FailJob rule at index 0",
+                finished_at="2026-01-01T00:00:00Z")
+    sim.reports["r-eval-1"] = PodReport(
+        summary={"stage": "eval", "attempt": 1, "benchmarks": table, "error": "benchmark(s) mmmath failed"},
+        failure="pod x exited with code 2")
+    sim.step()
+    assert sim.record("eval").state == "Failed" and sim.status.phase == "Failed"
+    assert sim.status.eval == {"benchmarks": table}
+
+
 def test_the_next_stage_reads_the_artifact_uri_of_the_one_before():
     sim = Sim()
     sim.step()

@@ -522,6 +522,12 @@ class VisionR1RunStatus(Schema):
     )
 
 
+def eval_table(summary: dict[str, Any]) -> dict[str, Any]:
+    """The eval stage's summary as ``status.eval``: every benchmark's scores and the error of
+    each one that failed (a failed eval stage keeps the scores of the others)."""
+    return {k: v for k, v in summary.items() if k not in ("stage", "attempt", "error")}
+
+
 # --- the resource ---------------------------------------------------------------------
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal, Mapping
 
-from ..api import Progress, StageStatus, VisionR1Run, VisionR1RunStatus
+from ..api import Progress, StageStatus, VisionR1Run, VisionR1RunStatus, eval_table
 from ..plan import StagePlan, build_plan
 from .jobs import config_hash
 from .naming import job_name
@@ -225,7 +225,7 @@ def _track(
         record.summary = report.summary
         record.message = None
         if record.kind == "eval" and report.summary:  # the benchmark table, as the local executor shows it
-            out.status.eval = {k: v for k, v in report.summary.items() if k not in ("stage", "attempt")}
+            out.status.eval = eval_table(report.summary)
     elif job.state == "Failed":
         _failed(record, plan, job, obs, settings, out, can_retry)
     else:
@@ -240,6 +240,8 @@ def _failed(
 ) -> None:
     """A failed attempt: retry it (after a backoff) or fail the stage, and say why."""
     report = obs.reports.get(job.name) or PodReport()
+    if record.kind == "eval" and report.summary and report.summary.get("benchmarks"):
+        out.status.eval = eval_table(report.summary)  # the benchmarks that were scored stay shown
     why = describe_failure(job, report)
     kind = job.failure_kind
     if kind == "bad-config":

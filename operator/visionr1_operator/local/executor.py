@@ -39,7 +39,7 @@ from typing import Callable
 
 from visionr1_trainer.config import FINAL_ARTIFACT, artifact_uri
 
-from ..api import Condition, Progress, StageStatus, VisionR1Run, VisionR1RunStatus
+from ..api import Condition, Progress, StageStatus, VisionR1Run, VisionR1RunStatus, eval_table
 from ..plan import StagePlan, build_plan
 from . import inputs
 from .lock import RunLock, RunLocked
@@ -466,13 +466,15 @@ class _Execution:
         log_file = directory / "logs" / f"{plan.name}.log"
         code = run_stage(plan, config_path, log_file, lambda p: self.progress(plan, p), self.stop, self.lock)
         record.summary = read_summary(directory, plan) or None
+        if plan.kind == "eval" and record.summary and record.summary.get("benchmarks"):
+            status.eval = eval_table(record.summary)  # a failed eval keeps the scored benchmarks
         stopped = self.stop.requested or code in EXIT_STOPPED_BY_SIGNAL
         # A stop that lands as the stage finishes does not undo its commit.
         if (code == 0 or stopped) and stage_committed(plan):
             record.state, record.completion_time = "Succeeded", now()
             record.artifact_uri = f"{plan.output_uri}/{FINAL_ARTIFACT[plan.kind]}"
             if plan.kind == "eval" and record.summary:
-                status.eval = {k: v for k, v in record.summary.items() if k not in ("stage", "attempt")}
+                status.eval = eval_table(record.summary)
             inputs.save(directory, plan.name, wanted, inputs.commit_id(plan))
             self.save()
             self.display.finished(plan, record)
