@@ -16,6 +16,7 @@ from visionr1_trainer.distributed import DistEnv
 from visionr1_trainer.models.loading import load_vlm
 from visionr1_trainer.models.vlm import IMAGE_TOKEN
 from visionr1_trainer.grpo.engine import make_engine
+from visionr1_trainer.grpo.logprob_head import LogprobModel
 from visionr1_trainer.runtime import StageStopped, UnusableSetting
 from visionr1_trainer.sft import train
 from visionr1_trainer.sft.batches import collate, load_group
@@ -66,10 +67,47 @@ def test_loss_falls_on_a_fixed_batch(tiny_model, synthetic):
     batch = collate([load_group(data.group(i), processor) for i in range(4)], tokenizer.pad_token_id,
                     tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
     torch.manual_seed(0)
-    engine = TorchEngine(model, CPU, EngineSpec(0, "fp32", 4, 1.0, 3e-3))
+    engine = TorchEngine(LogprobModel(model), CPU, EngineSpec(0, "fp32", 4, 1.0, 3e-3))
     losses = [train.train_step(engine, [batch], CPU, lr=3e-3)["loss"] for _ in range(30)]
     assert losses[-1] < 0.5 * losses[0], losses
     assert all(math_finite(x) for x in losses)
+
+
+def test_the_loss_reads_a_chunked_head_without_full_vocabulary_logits(tiny_model, synthetic):
+    """The SFT loss equals the cross-entropy of the HF logits, but no tensor the width of
+    the vocabulary spans more than one chunk of positions, in forward or backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    from visionr1_trainer.config import DatasetRef
+    from visionr1_trainer.data import read_cold
+
+    model, tokenizer, processor = load_vlm(str(tiny_model), "float32", "sdpa", "cpu")
+    examples = read_cold(DatasetRef(source=str(synthetic.cold_start))).items[:4]
+    data = build_training_data(examples, tokenizer, processor, 256, packing=False)
+    batch = collate([load_group(data.group(i), processor) for i in range(4)], tokenizer.pad_token_id,
+                    tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    assert batch.labels.shape[1] > 2 * 8
+    expected = train.token_loss_sum(model(**batch.inputs).logits, batch.labels)
+    chunked = LogprobModel(model, chunk_tokens=8)
+    vocab, hidden = model.lm_head.weight.shape
+
+    class Widest(TorchDispatchMode):
+        most = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if (isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == vocab
+                        and t.is_floating_point() and t.numel() != vocab * hidden):
+                    Widest.most = max(Widest.most, t.numel() // vocab)
+            return out
+
+    with Widest():
+        loss = train.labelled_logprob_sum(chunked, batch.inputs, batch.labels)
+        loss.backward()
+    assert torch.allclose(loss, expected, rtol=1e-5)
+    assert Widest.most <= 8, Widest.most  # before: (B, T, V) logits, 4 x T positions
 
 
 def math_finite(x: float) -> bool:

@@ -2,8 +2,9 @@
 
 ``python -m visionr1_trainer sft --config stage.json`` runs ``run(config)``. Read
 ``train_step`` for one optimizer step: the micro-batches of the step, a forward pass
-each, the summed token cross-entropy of the assistant tokens divided by the number of
-such tokens in the whole step (over every micro-batch and rank, so gradient
+each, the summed token cross-entropy of the assistant tokens (from the chunked log-prob
+head the GRPO stage uses: no full-vocabulary logits) divided by the number of such
+tokens in the whole step (over every micro-batch and rank, so gradient
 accumulation and data parallelism give the gradient of one big batch), then one update.
 
 Data comes from the bridge stage's committed ``dataset`` (``dataUri``) or a given set
@@ -55,6 +56,20 @@ def run(config: SFTStageConfig) -> dict[str, Any]:
 # --- the loss and one step -------------------------------------------------------------------
 
 
+def labelled_logprob_sum(engine, inputs: dict[str, Any], labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of the labelled tokens, through the engine's chunked head.
+
+    The engine holds a ``LogprobModel`` (``grpo.logprob_head``): given the targets it returns
+    their log-probs from hidden states a chunk of positions at a time, so no (B, T, V)
+    logits exist in forward or backward (at 16K tokens and Qwen's 152K vocabulary those
+    are 10 GB in float32 per sample). ``labels``: (B, T), -100 where there is no loss;
+    position t predicts token t+1. Returns the sum (a scalar), as ``token_loss_sum``.
+    """
+    targets = labels[:, 1:]  # (B, T-1)
+    logprobs, _ = engine(targets=targets.clamp(min=0), **inputs)  # (B, T-1) float32
+    return -(logprobs * (targets != IGNORE_INDEX)).sum()
+
+
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy of the labelled tokens.
 
@@ -82,8 +97,7 @@ def train_step(engine, batches: Sequence[Batch], env: DistEnv, lr: float) -> dic
     loss_sum = 0.0
     for index, batch in enumerate(batches):
         inputs = {k: v.to(env.device) if torch.is_tensor(v) else v for k, v in batch.inputs.items()}
-        logits = engine(**inputs).logits  # (B, T, V)
-        loss = token_loss_sum(logits, batch.labels.to(env.device))
+        loss = labelled_logprob_sum(engine, inputs, batch.labels.to(env.device))
         # Ranks' gradients are averaged, so scale by world size: the sum over ranks of
         # these losses is the summed loss of the whole step divided by all its tokens.
         engine.backward(loss * env.world_size / targets, last=index == len(batches) - 1)
@@ -156,6 +170,7 @@ def load_model(config: SFTStageConfig, env: DistEnv, work: Path, weights_dir: Pa
     resuming), with the tokenizer and image processor. Under ZeRO-3 the model is
     partitioned as it loads."""
     from ..grpo.engine import make_engine
+    from ..grpo.logprob_head import LogprobModel
 
     source = resolve_model_dir(config.model.name, config.storage, work)
     tokenizer, image_processor = load_processor_parts(config.model.processor or source)
@@ -165,7 +180,7 @@ def load_model(config: SFTStageConfig, env: DistEnv, work: Path, weights_dir: Pa
                              config.model.attn_implementation, env.device)
         # Before the optimizer is built: it never sees the frozen parameters.
         freeze_vision(model, config.sft.freeze_vision_tower, config.sft.freeze_multi_modal_projector)
-        return model
+        return LogprobModel(model)  # the loss reads log-probs from a chunked head
 
     engine = make_engine(load, lambda: load_model_config(source), env, engine_spec(config, env))
     engine.train()
