@@ -8,7 +8,7 @@ EXTRAS ?= operator,train,test
 comma  := ,
 STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: help install demo test test-fast cluster cluster-build gpu-smoke bench-grpo crd images clean
+.PHONY: help install demo test test-fast cluster cluster-build gpu-smoke bench-grpo crd images gpu-lock tools-build clean
 
 help:
 	@echo "make demo       run the tiny CPU example end to end on this machine"
@@ -18,6 +18,7 @@ help:
 	@echo "make bench-grpo GRPO throughput against TRL (see BENCHMARKS.md)"
 	@echo "make crd        regenerate the CRD (crds/ and the chart's crds/) from the pydantic API"
 	@echo "make images     build the operator and trainer images (needs Docker with BuildKit)"
+	@echo "make gpu-lock   rewrite trainer_image/requirements-gpu.lock from pyproject.toml and constraints.txt"
 
 install: $(STAMP)
 
@@ -41,8 +42,19 @@ demo: install
 # By file: a file's tests stay on one worker and share their module fixtures (one
 # torchrun for the DeepSpeed jobs, one CRD install). The control plane's binaries are
 # built before pytest starts (a cold build takes minutes; no test timeout counts it).
-test: install cluster-build
+test: install cluster-build tools-build
 	$(BIN)/python -m pytest -n 2 --dist loadfile
+
+# actionlint for tests/test_workflows.py, from its pinned Go module into ~/.cache/visionr1/tools
+# (its PyPI wrapper downloads a release binary when it builds, which these machines cannot).
+tools-build: install
+	@if command -v go >/dev/null; then cd tests && ../$(BIN)/python -c "import test_workflows as t; print(t.build_actionlint())"; \
+	elif [ "$$CI" = true ]; then echo "error: Go is required to build actionlint" >&2; exit 1; \
+	else echo "!!! Go not found: the workflows will NOT be linted !!!" >&2; fi
+	@# strace, for the read-only stage run of tests/test_pod_readonly.py (a Debian package).
+	@command -v strace >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		{ apt-get install -y -qq strace >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq strace; }; }; } || \
+		echo "!!! strace not found: the read-only stage run will be SKIPPED !!!" >&2
 
 # The test control plane (tests/cluster/): etcd, kube-apiserver, kube-controller-manager,
 # kube-scheduler and kwok, built from pinned Go modules into ~/.cache/visionr1/cluster.
@@ -60,10 +72,11 @@ cluster: cluster-build
 test-fast: install
 	$(BIN)/python -m pytest -x -q -m "not gpu and not slow"
 
-# On a GPU machine: add vLLM and DeepSpeed. vLLM pins its own CUDA torch, so the CPU torch
-# line of constraints.txt gives way; every other pin holds (as in trainer_image/Dockerfile).
+# On a GPU machine: add vLLM and DeepSpeed at the versions of the trainer image's lock
+# (trainer_image/requirements-gpu.lock, its pins as constraints; vLLM's CUDA torch replaces
+# the CPU one).
 gpu-smoke: install
-	grep -v '^torch==' constraints.txt > $(VENV)/constraints-gpu.txt
+	grep -v '^#' trainer_image/requirements-gpu.lock | sed 's/ --hash=.*//' > $(VENV)/constraints-gpu.txt
 	$(BIN)/python -m pip install --quiet -c $(VENV)/constraints-gpu.txt -e ".[$(EXTRAS),gpu]"
 	$(BIN)/python -m pytest -m gpu -v
 
@@ -78,11 +91,18 @@ crd: install
 	$(BIN)/visionr1 crd > crds/visionr1run.yaml
 	cp crds/visionr1run.yaml charts/visionr1-operator/crds/visionr1run.yaml
 
-# Tags from the chart's appVersion, as the chart expects them.
+# Tags from the chart's appVersion, as the chart expects them. linux/amd64: the CUDA base and
+# the trainer's lock (trainer_image/requirements-gpu.lock) are x86_64 only. BuildKit builds
+# (DOCKER_BUILDKIT=1 is the default since Docker 23); .github/workflows/images.yml runs the same.
 APP_VERSION = $(shell sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}/\1/p' charts/visionr1-operator/Chart.yaml)
 images:
-	docker build -t visionr1/operator:$(APP_VERSION) .
-	docker build -f trainer_image/Dockerfile -t visionr1/trainer:$(APP_VERSION) .
+	DOCKER_BUILDKIT=1 docker build --platform linux/amd64 -t visionr1/operator:$(APP_VERSION) .
+	DOCKER_BUILDKIT=1 docker build --platform linux/amd64 -f trainer_image/Dockerfile -t visionr1/trainer:$(APP_VERSION) .
+
+# Rewrite the trainer image's GPU lock and its file manifest from pyproject.toml and
+# constraints.txt (metadata only: no wheel is downloaded; a few minutes).
+gpu-lock: install
+	nice -n 10 $(BIN)/python trainer_image/lock/resolve.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info .cluster

@@ -150,17 +150,26 @@ def image_refs(path: Path) -> list[str]:
 
 
 def project_installs(stage: Stage) -> list[str]:
-    """The RUNs that pip-install this project (`.[extras]`)."""
-    return [r for r in stage.args("RUN") if re.search(r"pip (install|wheel)\b", r) and re.search(r"\.\[", r)]
+    """The RUNs that pip-install this project: from the build context bind-mounted at /src."""
+    return [r for r in stage.args("RUN") if re.search(r"pip (install|wheel)\b", r)
+            and re.search(r"--mount=type=bind,target=/src\b", r)]
 
 
-def extras_installed(path: Path) -> set[str]:
-    extras: set[str] = set()
-    for stage in stages_of(path):
-        for run in project_installs(stage):
-            for group in re.findall(r"""["']?\.\[([\w,-]+)\]["']?""", run):
-                extras |= set(group.split(","))
-    return extras
+def bind_sources(stage: Stage) -> list[str]:
+    """What RUN --mount=type=bind takes from the build context (``.`` for all of it)."""
+    out = []
+    for run in stage.args("RUN"):
+        for mount in re.findall(r"--mount=(\S+)", run):
+            opts = dict(o.split("=", 1) if "=" in o else (o, "") for o in mount.split(","))
+            if opts.get("type") == "bind" and "from" not in opts:
+                out.append(opts.get("source", "."))
+    return out
+
+
+def syntax_line(path: Path) -> str | None:
+    first = path.read_text().splitlines()[0]
+    found = re.match(r"^# syntax=(\S+)$", first)
+    return found.group(1) if found else None
 
 
 def final_user(stage: Stage) -> tuple[str, str | None]:
@@ -227,6 +236,34 @@ def test_every_image_pulled_is_pinned_by_full_version_and_digest(path):
 
 
 @pytest.mark.parametrize("path", [OPERATOR, TRAINER], ids=["operator", "trainer"])
+def test_the_frontend_is_pinned_and_make_images_names_the_platform(path):
+    # RUN --mount needs BuildKit's Dockerfile frontend; the line pins its version.
+    syntax = syntax_line(path)
+    assert syntax and re.fullmatch(r"docker/dockerfile:1\.\d+(\.\d+)?(@sha256:[0-9a-f]{64})?", syntax), syntax
+    make = (ROOT / "Makefile").read_text()
+    recipe = make.split("\nimages:", 1)[1].split("\n\n", 1)[0]
+    builds = [line for line in recipe.splitlines() if "docker build" in line or "buildx build" in line]
+    assert len(builds) == 2 and all("--platform linux/amd64" in b for b in builds), builds
+    wanted = f"-f {path.relative_to(ROOT)}" if path == TRAINER else None
+    assert wanted is None or any(wanted in b for b in builds)
+
+
+@pytest.mark.parametrize("path", [OPERATOR, TRAINER], ids=["operator", "trainer"])
+def test_the_project_goes_in_last_with_no_deps_and_no_source_copy(path):
+    # Dependencies first, so a source change rebuilds one small layer; the source comes in by
+    # a bind mount of the build context, so no /src (or COPY of it) stays in any layer.
+    stage = stages_of(path)[0 if path == OPERATOR else -1]
+    runs = stage.args("RUN")
+    (install,) = project_installs(stage)
+    assert "--no-deps" in install.split(), install
+    assert runs.index(install) == max(i for i, r in enumerate(runs) if re.search(r"pip install\b", r))
+    for s in stages_of(path):
+        for copy in s.args("COPY"):
+            assert "--from=" in copy, f"{path.name} copies from the build context: COPY {copy}"
+    assert "WORKDIR /src" not in path.read_text()
+
+
+@pytest.mark.parametrize("path", [OPERATOR, TRAINER], ids=["operator", "trainer"])
 def test_pip_is_the_makefiles_and_is_pinned_before_the_project_install(path):
     version = makefile_pip_version()
     stage = stages_of(path)[0 if path == OPERATOR else -1]
@@ -253,17 +290,25 @@ def test_entrypoint_runs_the_package_in_exec_form(path, package):
     assert (ROOT / package / "__main__.py").exists()
 
 
+# What building the project (`pip install /src`) reads from the build context.
+PROJECT_BUILD = ["pyproject.toml", "README.md", "operator", "trainer_image/visionr1_trainer"]
+
+
 def copied_files(path: Path) -> list[str]:
-    """What the Dockerfile COPYs from the build context: each source and the .py files under it."""
-    out = []
+    """What the Dockerfile reads from the build context (COPY, RUN --mount=type=bind): each
+    source and the .py files under it; the whole context (``.``) means the project's build."""
+    sources = []
     for stage in stages_of(path):
         for args in stage.args("COPY"):
-            if "--from=" in args:
-                continue
-            for src in [w for w in args.split() if not w.startswith("--")][:-1]:
-                top = ROOT / src
-                files = [top, *top.rglob("*.py")] if top.is_dir() else [top]
-                out += [f.relative_to(ROOT).as_posix() for f in files if "__pycache__" not in f.parts]
+            if "--from=" not in args:
+                sources += [w for w in args.split() if not w.startswith("--")][:-1]
+        for src in bind_sources(stage):
+            sources += PROJECT_BUILD if src == "." else [src]
+    out = []
+    for src in sources:
+        top = ROOT / src
+        files = [top, *top.rglob("*.py")] if top.is_dir() else [top]
+        out += [f.relative_to(ROOT).as_posix() for f in files if "__pycache__" not in f.parts]
     return out
 
 
@@ -308,11 +353,18 @@ def test_operator_is_multi_stage_and_its_final_stage_has_no_compiler():
 def test_operator_installs_exactly_the_operator_extra_with_the_constraints():
     defined = pyproject()["project"]["optional-dependencies"]
     assert "operator" in defined, f"pyproject.toml's extras are {sorted(defined)}, no operator"
-    assert extras_installed(OPERATOR) == {"operator"}
-    installs = [run for stage in stages_of(OPERATOR) for run in project_installs(stage)]
-    assert installs and all(re.search(r"(-c|--constraint)[ =]constraints\.txt\b", run) for run in installs)
-    copies = " ".join(c for stage in stages_of(OPERATOR) for c in stage.args("COPY"))
-    assert "constraints.txt" in copies.split()
+    build = stages_of(OPERATOR)[0]
+    (deps,) = [r for r in build.args("RUN") if re.search(r"pip install\b", r) and " -r " in r]
+    # The requirements are pyproject's core and operator extra, read in the build.
+    assert "['dependencies'] + p['optional-dependencies']['operator']" in deps
+    assert re.search(r"-c /tmp/ctx/constraints\.txt\b", deps)
+    assert {"pyproject.toml", "constraints.txt"} <= set(bind_sources(build))
+    # What that one-liner prints, run here: every line is pinned by constraints.txt.
+    p = pyproject()["project"]
+    reqs = [Requirement(r) for r in p["dependencies"] + p["optional-dependencies"]["operator"]]
+    pins = constraint_pins()
+    assert all(r.name.lower().replace("_", "-") in pins for r in reqs), [r.name for r in reqs]
+    assert not any(r.name.lower() == "torch" for r in reqs)
 
 
 def test_operator_runs_as_the_charts_uid():
@@ -338,27 +390,47 @@ def test_operator_writes_nothing_outside_tmp_and_exposes_its_ports():
 # --- the trainer image -------------------------------------------------------------------
 
 
-def test_trainer_installs_the_train_and_gpu_extras_in_one_resolve():
+LOCK = "trainer_image/requirements-gpu.lock"
+
+
+def test_trainer_installs_every_dependency_from_the_lock_with_hashes():
     defined = pyproject()["project"]["optional-dependencies"]
     assert {"train", "gpu"} <= set(defined), f"pyproject.toml's extras are {sorted(defined)}, not train and gpu"
     assert {"vllm", "deepspeed"} <= set(extra("gpu"))
-    assert extras_installed(TRAINER) == {"train", "gpu"}
-    # One pip run for both, so pip resolves vLLM's pins against the train extra's.
-    installs = [run for stage in stages_of(TRAINER) for run in project_installs(stage)]
-    assert len(installs) == 1 and re.search(r"\.\[(train,gpu|gpu,train)\]", installs[0])
-
-
-def test_trainer_uses_the_constraints_less_only_the_cpu_torch_pin():
-    # constraints.txt pins a CPU torch for CI; vLLM's exact torch pin must win in the image,
-    # and every other pin must still hold.
     stage = stages_of(TRAINER)[-1]
-    (install,) = project_installs(stage)
-    used = re.search(r"(?:-c|--constraint)[ =](\S+)", install)
-    assert used, "the trainer's pip install uses no constraints file"
-    derived = re.search(r"""grep -v ['"]\^(\w+)==['"] constraints\.txt > (\S+)""", install)
-    assert derived, "the trainer's constraints must be constraints.txt less one line, by grep -v"
-    assert derived.group(1) == "torch" and derived.group(2) == used.group(1)
-    assert "torch" in constraint_pins()
+    runs = stage.args("RUN")
+    from_lock = [r for r in runs if f"source={LOCK}" in r]
+    assert len(from_lock) == 2, "the wheels, then DeepSpeed's sdist, both from the lock"
+    wheels, deepspeed = from_lock
+    for run in from_lock:
+        assert re.search(r"pip install --require-hashes --no-deps\b", run), run
+    assert "grep -v '^deepspeed=='" in wheels and "--only-binary=:all:" in wheels
+    assert "grep '^deepspeed=='" in deepspeed and "DS_BUILD_OPS=0" in deepspeed
+    assert "--no-build-isolation" in deepspeed
+    # Both before the project, which adds nothing of its own (--no-deps).
+    (project,) = project_installs(stage)
+    assert runs.index(deepspeed) < runs.index(project) and runs.index(wheels) < runs.index(deepspeed)
+    assert (ROOT / LOCK).exists()
+
+
+def test_the_dead_weight_wheels_are_out_of_the_lock():
+    lock = (ROOT / LOCK).read_text()
+    for name in ("nvidia-cuda-nvcc", "nvidia-cutlass-dsl-libs-cu12"):
+        assert not re.search(rf"^{name}==", lock, re.M), f"{name} is in the lock"
+    # nvcc comes from the base's apt repository, for the CUDA of the base (see the next test).
+    apt = " ".join(r for r in stages_of(TRAINER)[-1].args("RUN") if "apt-get install" in r)
+    major, minor = gpu_stack().cuda.split(".")
+    for package in (f"cuda-nvcc-{major}-{minor}", f"cuda-cudart-dev-{major}-{minor}",
+                    "build-essential", "libaio-dev", "libibverbs1", "librdmacm1"):
+        assert package in apt.split(), f"the trainer's apt install lacks {package}"
+
+
+def test_trainer_sets_the_cache_variables_of_the_stage_pods():
+    from visionr1_operator.cluster import pods
+
+    env = env_of(stages_of(TRAINER)[-1])
+    for name, value in pods.cache_env().items():
+        assert env.get(name) == value, f"{name}: the image says {env.get(name)!r}, stage pods {value!r}"
 
 
 def test_trainer_cuda_base_matches_the_torch_that_vllm_pins():
@@ -366,14 +438,16 @@ def test_trainer_cuda_base_matches_the_torch_that_vllm_pins():
     cuda = [s.image for s in stages_of(TRAINER) if s.image.startswith("nvidia/cuda:")]
     assert len(cuda) == 1, "the trainer must build on one nvidia/cuda base"
     tag = cuda[0].split(":")[1].split("@")[0]
-    found = re.match(r"(\d+)\.(\d+)\.\d+-(?:cudnn-)?(devel|runtime)-ubuntu\d+\.\d+$", tag)
+    found = re.match(r"(\d+)\.(\d+)\.\d+-(?:cudnn-)?(devel|runtime|base)-ubuntu\d+\.\d+$", tag)
     assert found, f"unexpected nvidia/cuda tag {tag}"
     assert f"{found.group(1)}.{found.group(2)}" == stack.cuda, (
         f"nvidia/cuda:{tag} is CUDA {found.group(1)}.{found.group(2)}, but vllm=={vllm_pin()} "
         f"pins torch{stack.requires['torch']}, built for CUDA {stack.cuda}"
     )
-    # FlashInfer's and DeepSpeed's JIT builds need nvcc, Triton's launcher a C compiler.
-    assert found.group(3) == "devel", "the trainer needs a -devel base (see the Dockerfile's header)"
+    # The -base flavour: torch and vLLM load the CUDA libraries of their wheels; nvcc and the
+    # headers the JIT builds need come from apt (the test above); -runtime and -devel carry
+    # gigabytes of libraries the wheels bring again.
+    assert found.group(3) == "base", "the trainer builds on a -base image (see the Dockerfile's header)"
 
 
 def test_train_extra_and_constraints_admit_what_vllm_requires():
