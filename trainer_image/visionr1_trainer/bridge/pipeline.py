@@ -288,7 +288,10 @@ def run_phase(config, store, plan, by_id, role: str, templates, work: Path, metr
             else:
                 described = committed_rows(store, describe_name(k))
                 fresh = reason_shard(generator, items, described, templates, config.bridge.filters, bar.update)
-            check_not_all_failed(fresh, role, k, spec)
+            try:
+                check_not_all_failed(fresh, role, k)
+            except NothingKept as exc:
+                raise NothingKept(f"{exc} (teacher {teacher_name(spec)})") from None
             merged = {**previous[k], **{r["id"]: r for r in fresh}}
             rows = [merged[i] for i in plan[k]]
             commit_rows(store, name(k), rows, work)  # the successes are kept even if we stop now
@@ -338,7 +341,7 @@ def check_failure_rate(rows: list[dict], role: str, spec, bound: float) -> None:
             f"maxFailureRate {bound}; the rows are committed as pending and the next run asks again")
 
 
-def check_not_all_failed(rows: list[dict], role: str, shard: int, spec=None) -> None:
+def check_not_all_failed(rows: list[dict], role: str, shard: int) -> None:
     """Raise ``NothingKept`` when every request of a shard failed (an endpoint that is down,
     a wrong key): the shard is not committed, so a retry of the stage asks again."""
     if role == "multimodal":
@@ -349,8 +352,7 @@ def check_not_all_failed(rows: list[dict], role: str, shard: int, spec=None) -> 
         errors = [r.get("error") for r in rows if r["status"] == "generation_failed"]
     if rows and len(errors) == len(rows):
         counts = dict(collections.Counter(e or "unknown" for e in errors).most_common())
-        who = f" to {teacher_name(spec)}" if spec is not None else ""
-        raise NothingKept(f"every {role} request{who} of shard {shard} failed ({counts}); the shard is "
+        raise NothingKept(f"every {role} request of shard {shard} failed ({counts}); the shard is "
                           "not committed, so a retry asks again")
 
 
