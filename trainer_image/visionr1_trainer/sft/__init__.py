@@ -1,8 +1,10 @@
 """Cold-start SFT: fine-tune the base model on the cold-start CoT set (Vision-R1-CI).
 
 ``run(config)`` is the stage entrypoint (``python -m visionr1_trainer sft``); the loop is
-in ``train``, sequence building (chat template, assistant-only labels, packing) in
-``data``, steps and learning rates in ``schedule``.
+in ``train``, sequence building (chat template, assistant-only labels) and the compact
+encoded set in ``data``, LLaMA-Factory's image resize in ``images``, packing, data order
+and collated batches in ``batches``, the encoding cached with the stage's work in
+``cache``, steps and learning rates in ``schedule``.
 """
 
 from __future__ import annotations
