@@ -8,7 +8,6 @@ each call, through a ``sitecustomize`` on the stage's PYTHONPATH (no CPU spent w
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -314,3 +313,21 @@ def test_demo_prints_the_status_once_under_the_run_name(tmp_path, inputs, site, 
     heads = [line.split() for line in out.splitlines() if line.split()[:2] == ["NAME", "PHASE"]]
     assert len(heads) == 1, out
     assert any(line.split()[:2] == ["guard", "Succeeded"] for line in out.splitlines()), out
+
+
+def test_each_stage_reads_the_stages_its_config_names():
+    from visionr1_operator.local import inputs as provenance
+    from visionr1_operator.manifest import load_run
+    from visionr1_operator.plan import build_plan
+
+    plans = build_plan(load_run(ROOT / "examples" / "tiny-cpu.yaml"))
+    reads = {p.name: [u.name for u in provenance.upstream(p, plans)] for p in plans}
+    ptst = [p.name for p in plans if p.kind == "grpo"]
+    assert reads["bridge"] == [] and reads["sft"] == ["bridge"]
+    for prev, name in zip(["sft", *ptst], ptst):  # the model it starts from (and the SFT one, its KL reference)
+        assert reads[name][-1] == prev and set(reads[name]) <= {"sft", prev}
+    assert reads["eval"] == ["sft", *ptst]  # every model it scores (the base model is no stage)
+    before = provenance.Inputs({"sft": {"learningRate": 1e-3, "epochs": 2}, "dataUri": "x"}, {"bridge": "a1"})
+    after = provenance.Inputs({"sft": {"learningRate": 2e-3, "epochs": 2}, "dataUri": "x"}, {"bridge": "b2"})
+    assert provenance.changes(before, after) == ["sft.learningRate", "stage bridge was committed anew"]
+    assert provenance.changes(before, before) == [] and before.digest() != after.digest()

@@ -283,6 +283,8 @@ class Stop:
 
     def __enter__(self) -> Stop:
         for sig in self.SIGNALS:
+            if signal.getsignal(sig) is signal.SIG_IGN:
+                continue  # started in the background by a shell (`&` in a script): it stays ignored
             self._old[sig] = signal.signal(sig, self._handle)
         return self
 
