@@ -104,6 +104,32 @@ def test_cold_sharegpt_and_messages_layouts(tmp_path):
     assert dict(result.skipped) == {"bad_conversation": 3, "empty_answer": 1, "wrong_type": 1}
 
 
+def test_text_only_cold_start_and_bridge_rows_are_kept(tmp_path):
+    # Vision-R1-cold and the bridge's own output hold text-only rows too (no image field,
+    # or an empty list, and no image marker): kept with no images. A row that names an
+    # image that is not there, or marks one it does not have, is still skipped.
+    png(tmp_path / "a.png")
+    cold = [
+        cold_row("t1", "What is 2+2?", "<think>Wait, 2+2.</think><answer> Final Answer:4 </answer>", []),
+        {"id": "t2", "conversations": [{"from": "human", "value": "Name a prime."},
+                                       {"from": "gpt", "value": "<think>x</think><answer> Final Answer:2 </answer>"}]},
+        {"id": "t3", "images": None, "conversations": [{"from": "human", "value": "1+1?"},
+                                                        {"from": "gpt", "value": "2"}]},
+        {"id": "bad1", "images": ["missing.png"], "conversations": [{"from": "human", "value": "<image>q"},
+                                                                    {"from": "gpt", "value": "a"}]},
+        {"id": "bad2", "conversations": [{"from": "human", "value": "<image>Look."}, {"from": "gpt", "value": "a"}]},
+    ]
+    result = read_cold(DatasetRef(source=str(write_rows(cold, tmp_path / "cold.jsonl"))))
+    assert [(e.id, e.image_paths) for e in result.items] == [("t1", []), ("t2", []), ("t3", [])]
+    assert dict(result.skipped) == {"missing_image": 1, "image_count_mismatch": 1}
+    bridge = [{"question": "What is 3*3?", "answer": "9"},
+              {"question": "Which shape?", "answer": "A", "image": "a.png"},
+              {"question": "<image>Which one?", "answer": "B"}]
+    result = read_bridge_source(DatasetRef(source=str(write_rows(bridge, tmp_path / "bridge.jsonl"))))
+    assert [(e.question, len(e.image_paths)) for e in result.items] == [("What is 3*3?", 0), ("Which shape?", 1)]
+    assert dict(result.skipped) == {"image_count_mismatch": 1}
+
+
 def test_bridge_source_field_map_and_parquet_with_image_bytes(tmp_path):
     rows = [
         {"img": {"bytes": png_bytes(), "path": None}, "query": "Color?", "label": "blue"},

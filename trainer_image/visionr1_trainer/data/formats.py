@@ -162,13 +162,15 @@ def _text(row: dict, key: str, empty_reason: str) -> str:
     return text
 
 
-def _image_values(row: dict) -> list:
+def _image_values(row: dict, optional: bool = False) -> list:
     for key in ("images", "image"):
         if key in row and row[key] is not None:
             value = row[key]
             values = list(value) if isinstance(value, (list, tuple)) else [value]
             if values:
                 return values
+    if optional:  # a text-only row
+        return []
     raise SkipRow("missing_image", "no 'images' or 'image'")
 
 
@@ -202,9 +204,11 @@ class _RowContext:
     def __init__(self, roots: ImageRoots, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
         self.roots, self.max_pixels = roots, max_pixels
 
-    def images(self, row: dict) -> list[str]:
+    def images(self, row: dict, optional: bool = False) -> list[str]:
+        """The row's image paths, found and checked; ``optional``: a row with no image field
+        (or an empty one) is text-only, ``[]`` (its markers are checked by the caller)."""
         paths = []
-        for value in _image_values(row):
+        for value in _image_values(row, optional):
             try:
                 path = self.roots.find(value)
             except UnsafePath as exc:
@@ -246,7 +250,7 @@ def parse_rl_row(row: dict, ctx: _RowContext, index: int) -> RLExample:
 def parse_bridge_row(row: dict, ctx: _RowContext, index: int) -> BridgeExample:
     question = _text(row, "question", "empty_question")
     answer = _text(row, "answer", "empty_answer")
-    images = ctx.images(row)
+    images = ctx.images(row, optional=True)  # text-only rows skip the image description
     _check_placeholders(question, len(images))
     return BridgeExample(_row_id(row, index), question, answer, images,
                          _meta(row, ("id", "question", "answer", "images", "image")))
@@ -270,7 +274,7 @@ def parse_cold_row(row: dict, ctx: _RowContext, index: int) -> ColdExample:
         markers += images_in_turn + content.count(IMAGE_PLACEHOLDER)
         messages.append({"role": role, "content": content.replace(IMAGE_PLACEHOLDER, "").strip()})
     _check_turns(messages)
-    images = ctx.images(row)
+    images = ctx.images(row, optional=True)  # text-only rows are part of a cold-start set too
     if markers and markers != len(images):
         raise SkipRow("image_count_mismatch", f"{markers} image markers, {len(images)} images")
     return ColdExample(_row_id(row, index), messages, images,
