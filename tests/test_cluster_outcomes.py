@@ -25,7 +25,7 @@ from cluster_harness import ensure_namespace, get_json, wait_until
 from kwok_stages import exit_stage
 from operator_harness import run_manifest
 
-from visionr1_operator.cluster.naming import JOB_FINALIZER, LABEL_RUN, LABEL_STAGE
+from visionr1_operator.cluster.naming import LABEL_RUN, LABEL_STAGE
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(420)]
 
@@ -224,7 +224,8 @@ def test_a_failed_attempt_deleted_during_its_retry_backoff_still_counts(crd, tmp
 
     deleter = threading.Thread(target=delete_failed_jobs, daemon=True)
     try:
-        with operator(cluster, tmp_path / "operator.log"):
+        # A backoff longer than the deleter takes: each attempt is gone while its retry waits.
+        with operator(cluster, tmp_path / "operator.log", "--retry-base=6", "--retry-max=6"):
             cluster.kubectl("create", "-f", "-", input=json.dumps(run_manifest(name, namespace)))
             deleter.start()
             wait_until(lambda: run_status(cluster, name, namespace).get("phase") == "Failed", 150,
@@ -418,3 +419,40 @@ def test_the_operator_receives_no_event_of_a_foreign_job(crd, tmp_path):
         [e for e in jobs_seen if (e["name"] or "").startswith("foreign-")][:5]
     assert all("labelSelector=" in e["url"] for e in jobs_seen), {e["url"] for e in jobs_seen}
     cluster.kubectl("delete", "vr1", "ours", "-n", namespace, "--wait=false", check=False)
+
+
+def test_generate_name_queue_name_and_conditions_map_as_the_api_server_enforces_them(crd, tmp_path):
+    """Item 8 and item 4's validation: a generateName of 36+ characters is refused naming
+    generateName (the name made from it would break the 40-character rule), 35 makes a
+    40-character run; a queueName that cannot be a label value (over 63 characters) is
+    refused; status.conditions is a list map keyed by type (one condition per type)."""
+    cluster, namespace = crd, "outcomes-crd"
+    ensure_namespace(cluster, namespace)
+    doc = run_manifest("x", namespace)
+    del doc["metadata"]["name"]
+    too_long = cluster.kubectl("create", "-f", "-", check=False,
+                               input=json.dumps({**doc, "metadata": {"generateName": "g" * 35 + "-",
+                                                                     "namespace": namespace}}))
+    assert too_long.returncode != 0 and "metadata.generateName" in too_long.stderr, too_long.stderr
+    made = cluster.kubectl("create", "-f", "-", "-o", "name",
+                           input=json.dumps({**doc, "metadata": {"generateName": "g" * 34 + "-",
+                                                                 "namespace": namespace}}))
+    name = made.stdout.strip().rsplit("/", 1)[-1]
+    assert len(name) == 40 and name.startswith("g" * 34 + "-"), name
+
+    queued = run_manifest("queued", namespace, queueName="q" * 64)
+    refused = cluster.kubectl("create", "-f", "-", input=json.dumps(queued), check=False)
+    assert refused.returncode != 0 and "spec.queueName" in refused.stderr, refused.stderr
+    fits = run_manifest("queued", namespace, queueName="q" * 63)
+    cluster.kubectl("create", "--dry-run=server", "-f", "-", input=json.dumps(fits))
+
+    crd_object = get_json(cluster, "crd", "visionr1runs.visionr1.io")
+    schema = crd_object["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    conditions = schema["properties"]["status"]["properties"]["conditions"]
+    assert (conditions["x-kubernetes-list-type"], conditions["x-kubernetes-list-map-keys"]) == ("map", ["type"])
+    twice = [{"type": "Ready", "status": s, "reason": "Test", "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"}
+             for s in ("True", "False")]
+    duplicate = cluster.kubectl("patch", "vr1", name, "-n", namespace, "--subresource=status", "--type=merge",
+                                "-p", json.dumps({"status": {"conditions": twice}}), check=False)
+    assert duplicate.returncode != 0 and "Duplicate value" in duplicate.stderr, duplicate.stderr
+    cluster.kubectl("delete", "vr1", name, "-n", namespace, "--wait=false", check=False)

@@ -84,6 +84,7 @@ def test_single_node_stage(paper):
     assert container["image"] == plan.image
     # 8 GPUs on one node: data-parallel GRPO under torchrun, one process per GPU.
     assert container["command"] == [
+        "python", "-m", "visionr1_trainer.launch", "grpo", "--config", "/etc/visionr1/stage.json", "--",
         "torchrun", "--standalone", "--nnodes=1", "--nproc-per-node=8",
         "-m", "visionr1_trainer", "grpo", "--config", "/etc/visionr1/stage.json",
     ]
@@ -162,7 +163,9 @@ def test_multi_node_stage(multinode):
     assert env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == (
         "metadata.annotations['batch.kubernetes.io/job-completion-index']")
     assert env["AWS_ENDPOINT_URL_S3"]["value"] == "http://minio.storage.svc.cluster.local:9000"
-    assert container["command"][:6] == [
+    assert container["command"][:7] == ["python", "-m", "visionr1_trainer.launch", "sft", "--config",
+                                        "/etc/visionr1/stage.json", "--"]
+    assert container["command"][7:13] == [
         "torchrun", "--nnodes=$(NNODES)", "--nproc-per-node=$(NPROC_PER_NODE)", "--node-rank=$(NODE_RANK)",
         "--master-addr=$(MASTER_ADDR)", "--master-port=$(MASTER_PORT)",
     ]

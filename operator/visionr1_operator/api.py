@@ -47,6 +47,8 @@ SHORT_NAMES = ["vr1"]
 # (the job-name label, and pod hostnames of Indexed Jobs): 40 leaves room for the
 # longest stage name and a three-digit attempt.
 MAX_RUN_NAME = 40
+# kubectl create with metadata.generateName: the API server appends 5 random characters.
+MAX_GENERATE_NAME = MAX_RUN_NAME - 5
 
 
 # --- placement and resources ----------------------------------------------------------
@@ -329,9 +331,10 @@ class VisionR1RunSpec(Schema):
     )
     queue_name: str | None = Field(
         default=None,
-        max_length=253,
+        max_length=63,  # it becomes the Jobs' kueue.x-k8s.io/queue-name label value
         pattern=DNS_SUBDOMAIN,
-        description="Kueue LocalQueue: Jobs are created suspended for Kueue to admit.",
+        description="Kueue LocalQueue: Jobs are created suspended for Kueue to admit "
+        "(at most 63 characters: the name is the Jobs' kueue.x-k8s.io/queue-name label).",
     )
 
     cel_rules = (
@@ -513,7 +516,11 @@ class VisionR1RunStatus(Schema):
     current_stage: str | None = Field(default=None, description="Stage running now.")
     observed_generation: int | None = Field(default=None, ge=0, description="Last generation acted on.")
     stages: list[StageStatus] = Field(default_factory=list, description="One record per planned stage.")
-    conditions: list[Condition] = Field(default_factory=list, description="Standard conditions.")
+    conditions: list[Condition] = Field(
+        default_factory=list, description="Standard conditions, one per type.",
+        # A map keyed by type, as metav1.Conditions are: server-side apply merges by type.
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
     progress: Progress | None = Field(default=None, description="Live progress.")
     eval: dict[str, Any] | None = Field(
         default=None,

@@ -146,7 +146,8 @@ def openapi_schema() -> dict[str, Any]:
         "description": raw.get("description", ""),
         "required": ["spec"],
         "properties": {
-            # Kubernetes validates these itself; a CRD may only restrict metadata.name.
+            # Kubernetes validates these itself; a CRD may only restrict metadata.name and
+            # generateName (the name the API server makes from it is 5 characters longer).
             "apiVersion": {"type": "string", "description": "visionr1.io/v1alpha1"},
             "kind": {"type": "string", "description": "VisionR1Run"},
             "metadata": {
@@ -156,7 +157,13 @@ def openapi_schema() -> dict[str, Any]:
                         "type": "string",
                         "maxLength": api.MAX_RUN_NAME,
                         "pattern": defs["ObjectMeta"]["properties"]["name"]["pattern"],
-                    }
+                    },
+                    "generateName": {
+                        "type": "string",
+                        "maxLength": api.MAX_GENERATE_NAME,
+                        "description": f"At most {api.MAX_GENERATE_NAME} characters: the API server "
+                        f"appends 5, and a run name has at most {api.MAX_RUN_NAME}.",
+                    },
                 },
             },
             "spec": structural(props["spec"], defs, "spec"),

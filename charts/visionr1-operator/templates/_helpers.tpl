@@ -66,18 +66,14 @@ exactly the calls it makes.
   resources: [visionr1runs/finalizers]
   verbs: [update]
 # One Job per stage attempt: created, adopted after a restart (get), suspended/resumed,
-# its finalizer removed once its outcome is recorded, deleted after the stage's TTL.
+# given its TTL and, once deleted, let go (its finalizer) after its outcome is recorded.
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [get, list, watch, create, patch, delete]
+  verbs: [get, list, watch, create, patch]
 # The stage's config and, for a multi-node stage, the rendezvous Service.
 - apiGroups: [""]
   resources: [configmaps, services]
   verbs: [get, create]
-# A ConfigMap left by a crash from an older spec is replaced before its Job exists.
-- apiGroups: [""]
-  resources: [configmaps]
-  verbs: [delete]
 # Read-only: a stage pod's exit summary (termination message) and metrics address.
 - apiGroups: [""]
   resources: [pods]

@@ -34,7 +34,7 @@ from .kube import APIError, ForeignObject, Kube, refusal_message
 from .metrics import OperatorMetrics
 from .naming import JOB_FINALIZER, Owner
 from .observe import JobView, PodReport, metrics_endpoint, observe_job, parse_time, pod_report, pods_of
-from .outcomes import expired, outcome_recorded, releasable
+from .outcomes import outcome_recorded, releasable, ttl_due
 from .progress import Scraper, parse_progress, same_progress
 from .reconcile import TERMINAL, Decision, Observed, PlannedRun, ReconcileSettings, current_stage, decide, plan_run
 from .status import finished_generation_patch, merge_patch, status_document
@@ -121,6 +121,10 @@ class Operator:
         await self.scraper.close()
 
 
+class StaleConfig(Exception):
+    """An attempt's ConfigMap exists with a config other than the attempt's."""
+
+
 def parse_run(body: Mapping[str, Any]) -> tuple[VisionR1Run | None, list[tuple[str, str]]]:
     """The run as the pydantic model (status left out: the controller keeps its own)."""
     doc = {k: body.get(k) for k in ("apiVersion", "kind", "metadata", "spec")}
@@ -170,7 +174,7 @@ class RunController:
         # Attempts whose objects the API server refused, by Job name: (its message, when).
         self._refused: dict[str, tuple[str, datetime]] = {}
         self._released: set[str] = set()  # Jobs whose finalizer this controller removed
-        self._expired: set[str] = set()  # Jobs this controller deleted for their TTL
+        self._ttl_set: set[str] = set()  # Jobs this controller gave their TTL
         self._next_scrape = 0.0
         self._errors = 0
 
@@ -225,8 +229,9 @@ class RunController:
             if patch is not None:
                 await self.kube.patch_run_status(self.key[0], self.key[1], patch)
             _, _, planned = self._parse()
-            wait = await self._let_jobs_go(self.seen_jobs_now(), planned)
-            return wait, wait is None  # a TTL still to apply keeps the loop
+            self.seen_jobs = self._jobs()
+            await self._let_jobs_go(self.seen_jobs, planned)  # after a crash between the two
+            return None, True
         if self.body.metadata.get("deletionTimestamp"):
             return None, False  # being deleted: start nothing; kopf stops this loop next
         run, problems, planned = self._parse()
@@ -240,32 +245,24 @@ class RunController:
         )
         decision = decide(obs, self.op.config.reconcile)
         await self._apply(run, decision)
-        wait = await self._let_jobs_go(jobs, planned)
-        if wait is not None:
-            decision.requeue(wait)
+        await self._let_jobs_go(jobs, planned)
         self.op.metrics.observe_run(self.key, self.status.phase)
-        return self._next_look(decision, jobs), decision.finished and wait is None
+        return self._next_look(decision, jobs), decision.finished
 
-    def seen_jobs_now(self) -> dict[str, JobView]:
-        self.seen_jobs = self._jobs()
-        return self.seen_jobs
-
-    async def _let_jobs_go(self, jobs: Mapping[str, JobView], planned: PlannedRun | None) -> float | None:
-        """After the status patch: remove the finalizer of Jobs it records, delete those past
-        their stage's TTL. Returns the seconds until the next TTL is due (None: none waits)."""
+    async def _let_jobs_go(self, jobs: Mapping[str, JobView], planned: PlannedRun | None) -> None:
+        """After the status patch: remove the finalizer of deleted Jobs it records, and give
+        the Jobs it records their stage's ttlSecondsAfterFinished."""
         for name in releasable(self.status, jobs.values()):
             if name not in self._released:
                 await self.kube.remove_job_finalizer(self.key[0], name, JOB_FINALIZER)
                 self._released.add(name)
         ttl = {n: p.ttl_seconds_after_finished for n, p in planned.plans.items()} if planned else {}
-        due, wait = expired(self.status, jobs.values(), ttl, _now())
-        for name in due:
-            if name not in self._expired:
-                await self.kube.delete_object("batch/v1", "Job", self.key[0], name, jobs[name].uid)
-                self._expired.add(name)
+        for name, seconds in ttl_due(jobs.values(), self.status, ttl).items():
+            if name not in self._ttl_set:
+                await self.kube.set_job_ttl(self.key[0], name, seconds)
+                self._ttl_set.add(name)
         self._released &= set(jobs)
-        self._expired &= set(jobs)
-        return wait
+        self._ttl_set &= set(jobs)
 
     def _parse(self) -> tuple[VisionR1Run | None, list[tuple[str, str]], PlannedRun | None]:
         self._spec_seen = key = _change_key(self.body)
@@ -329,10 +326,17 @@ class RunController:
             start = decision.start
             self._refused.pop(start.job_name, None)
             try:
-                for obj in build_stage_objects(owner, run.spec, start.plan, start.attempt, suspend=start.suspend):
-                    created = await self._create(obj)
-                    if obj["kind"] == "Job":
-                        self._created[start.job_name] = observe_job(created)
+                for _ in range(3):
+                    try:
+                        await self._create_attempt(owner, run, start)
+                        break
+                    except StaleConfig:
+                        # Attempt N's name holds a ConfigMap made from an older spec (a crash
+                        # kept its Job from being created); ConfigMaps are immutable and the
+                        # operator deletes nothing: this attempt runs as N+1, under new names.
+                        start = decision.start = replace(start, attempt=start.attempt + 1)
+                        record = next(r for r in decision.status.stages if r.name == start.plan.name)
+                        record.attempts, record.job_name = start.attempt, start.job_name
             except (APIError, ForeignObject) as exc:
                 message = refusal_message(exc)
                 if message is None:
@@ -356,24 +360,27 @@ class RunController:
         self.op.metrics.observe_stages(before.stages, decision.status.stages, _duration)
         self._forget_reports(decision.status.stages)
 
+    async def _create_attempt(self, owner: Owner, run: VisionR1Run, start: Any) -> None:
+        for obj in build_stage_objects(owner, run.spec, start.plan, start.attempt, suspend=start.suspend):
+            created = await self._create(obj)
+            if obj["kind"] == "Job":
+                self._created[start.job_name] = observe_job(created)
+
     async def _create(self, obj: dict[str, Any]) -> dict[str, Any]:
         """Create one object of an attempt, or adopt the one a previous operator made.
 
-        A ConfigMap found with other contents (made from an older spec, before a crash
-        kept its Job from being created) is replaced while no Job uses it yet: the Job
-        created next must read the config its config-hash annotation says.
+        An adopted ConfigMap must hold this attempt's config, the one the Job's config-hash
+        annotation names: one made from an older spec raises ``StaleConfig`` while no Job
+        of that name exists (a Job that exists runs with it already and is adopted as it is).
         """
         created, new = await self.kube.create_or_adopt(obj)
         if new or obj["kind"] != "ConfigMap" or created.get("data") == obj.get("data"):
             return created
         meta = obj["metadata"]
         if await self.kube.exists("batch/v1", "Job", meta["namespace"], meta["name"]):
-            return created  # its Job runs with it already: the Job is adopted as it is
-        self.logger.info("Replacing ConfigMap %s: it holds another config than this attempt's.", meta["name"])
-        await self.kube.delete_object("v1", "ConfigMap", meta["namespace"], meta["name"],
-                                      (created.get("metadata") or {}).get("uid"))
-        created, _ = await self.kube.create_or_adopt(obj)
-        return created
+            return created
+        self.logger.warning("ConfigMap %s holds another config than this attempt's (an older spec).", meta["name"])
+        raise StaleConfig(meta["name"])
 
     async def _set_workloads_active(self, wanted: Mapping[str, bool]) -> None:
         """Suspend or resume a queued run through its Job's Kueue Workload (``spec.active``).

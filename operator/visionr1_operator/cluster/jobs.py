@@ -140,11 +140,10 @@ def build_job(owner: Owner, spec: VisionR1RunSpec, plan: StagePlan, attempt: int
         job_spec["completionMode"] = "Indexed"
     if plan.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = plan.active_deadline_seconds
-    # ttlSecondsAfterFinished is not passed on: the TTL controller deletes a Job in the
-    # foreground, its pods first, which can be before the operator has read their exit
-    # summary (an operator down longer than the TTL). The operator deletes the Job itself
-    # that long after it recorded the outcome (``outcomes.expired``), as Kubeflow's
-    # training operator does with its own ttlSecondsAfterFinished.
+    # ttlSecondsAfterFinished is set only once the run's status records the outcome
+    # (``outcomes.ttl_due``): the TTL controller deletes a Job in the foreground, its pods
+    # first, which could be before the operator read their exit summary (an operator
+    # down longer than the TTL).
     metadata = _metadata(owner, name, meta_labels)
     metadata["annotations"] = {ANNOTATION_CONFIG_HASH: config_hash(plan)}
     metadata["finalizers"] = [JOB_FINALIZER]

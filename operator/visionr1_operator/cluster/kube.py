@@ -180,18 +180,15 @@ class Kube:
         raise APIError(f"Job {namespace}/{name} kept changing while its finalizer was removed",
                        status=409, headers={})
 
-    async def delete_object(self, api_version: str, kind: str, namespace: str, name: str,
-                            uid: str | None, propagation: str = "Background") -> None:
-        """Delete one object, only the one with this UID (a Job of the same name made since stays)."""
-        self.on_request("delete", kind)
-        body: dict[str, Any] = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation}
-        if uid:
-            body["preconditions"] = {"uid": uid}
+    async def set_job_ttl(self, namespace: str, name: str, seconds: int) -> None:
+        """Give a finished Job its ttlSecondsAfterFinished (the TTL controller deletes it then)."""
+        self.on_request("patch", "Job")
         try:
-            await _api.delete(f"{collection_url(api_version, kind, namespace)}/{name}", payload=body,
-                              settings=self.settings, logger=self.logger)
-        except (NotFound, _errors.APIConflictError):
-            pass  # gone already, or another object by now
+            await _api.patch(f"{collection_url('batch/v1', 'Job', namespace)}/{name}",
+                             payload={"spec": {"ttlSecondsAfterFinished": seconds}}, headers=MERGE_PATCH,
+                             settings=self.settings, logger=self.logger)
+        except NotFound:
+            pass
 
     async def exists(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
         self.on_request("get", kind)

@@ -49,6 +49,7 @@ class JobView:
     uid: str | None = None  # finds the Job's Kueue Workload (label kueue.x-k8s.io/job-uid)
     finalizer: bool = False  # still carries JOB_FINALIZER: its outcome may be unrecorded
     deleting: bool = False  # has a deletionTimestamp (held by a finalizer)
+    ttl: int | None = None  # spec.ttlSecondsAfterFinished (set once the outcome is recorded)
 
     @property
     def failure_kind(self) -> FailureKind:
@@ -99,6 +100,7 @@ def observe_job(job: Mapping[str, Any]) -> JobView:
         uid=meta.get("uid"),
         finalizer=JOB_FINALIZER in (meta.get("finalizers") or []),
         deleting=bool(meta.get("deletionTimestamp")),
+        ttl=spec.get("ttlSecondsAfterFinished"),
     )
 
 

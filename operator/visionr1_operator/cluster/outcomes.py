@@ -9,19 +9,18 @@ one never created, and was created again under the same name: a finished stage r
 again, and a failed attempt deleted during its retry backoff was never counted.
 
 ``releasable`` names the deleted Jobs whose finalizer can go, judged against the status
-as written; ``expired`` the Jobs the stage's ``ttlSecondsAfterFinished`` lets the operator
-delete (the operator applies the TTL itself, after the outcome is recorded: the TTL
+as written; ``ttl_due`` the Jobs that get their stage's ``ttlSecondsAfterFinished`` now.
+A Job is created without it and given it once its outcome is recorded: the TTL
 controller deletes in the foreground, pods first, and would take the exit summary with
-them while the operator is down).
+them while the operator is down. (The TTL still counts from the Job's finish.)
 """
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
 from typing import Iterable, Mapping
 
 from ..api import StageStatus, VisionR1RunStatus
-from .observe import JobView, parse_time
+from .observe import JobView
 
 TERMINAL = ("Succeeded", "Failed")
 
@@ -54,23 +53,14 @@ def releasable(status: VisionR1RunStatus, jobs: Iterable[JobView]) -> list[str]:
     return sorted(names)
 
 
-def expired(
-    status: VisionR1RunStatus, jobs: Iterable[JobView], ttl: Mapping[str, int | None], now: datetime
-) -> tuple[list[str], float | None]:
-    """Finished, recorded Jobs past their stage's ``ttlSecondsAfterFinished``; and the
-    seconds until the next one is due (None when none is waiting)."""
+def ttl_due(jobs: Iterable[JobView], status: VisionR1RunStatus, ttl: Mapping[str, int | None]) -> dict[str, int]:
+    """Finished Jobs whose outcome is recorded and whose stage has a TTL they lack: name -> seconds."""
     records = {r.name: r for r in status.stages}
-    due_now, waits = [], []
+    due = {}
     for job in jobs:
         seconds = ttl.get(job.stage)
-        finished = parse_time(job.finished_at)
-        if seconds is None or job.deleting or job.state not in TERMINAL or finished is None:
+        if seconds is None or job.ttl == seconds or job.deleting or job.state not in TERMINAL:
             continue
-        if not outcome_recorded(job, records):
-            continue
-        due = finished + timedelta(seconds=seconds)
-        if due <= now:
-            due_now.append(job.name)
-        else:
-            waits.append((due - now).total_seconds())
-    return sorted(due_now), (min(waits) if waits else None)
+        if outcome_recorded(job, records):
+            due[job.name] = seconds
+    return dict(sorted(due.items()))

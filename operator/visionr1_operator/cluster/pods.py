@@ -129,15 +129,20 @@ def uses_torchrun(plan: StagePlan) -> bool:
 
 
 def trainer_command(plan: StagePlan) -> list[str]:
-    entry = ["-m", "visionr1_trainer", plan.kind, "--config", f"{CONFIG_DIR}/{CONFIG_KEY}"]
+    config = f"{CONFIG_DIR}/{CONFIG_KEY}"
+    entry = ["-m", "visionr1_trainer", plan.kind, "--config", config]
     if not uses_torchrun(plan):
         return ["python", *entry]
+    # torchrun reports any worker's failure as exit 1: the config is checked first, so an
+    # unusable one exits 2 (podFailurePolicy: fail, no retry) before a worker starts.
+    check = ["python", "-m", "visionr1_trainer.launch", plan.kind, "--config", config, "--"]
     r = plan.resources
     nproc = max(r.gpus_per_node, 1)
     if r.nodes == 1:
-        return ["torchrun", "--standalone", "--nnodes=1", f"--nproc-per-node={nproc}", *entry]
+        return [*check, "torchrun", "--standalone", "--nnodes=1", f"--nproc-per-node={nproc}", *entry]
     # Static rendezvous on pod 0; $(VAR) is expanded by the kubelet from the container's env.
     return [
+        *check,
         "torchrun",
         "--nnodes=$(NNODES)",
         "--nproc-per-node=$(NPROC_PER_NODE)",

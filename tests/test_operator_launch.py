@@ -1,0 +1,88 @@
+"""A multi-GPU stage's pod command, run for real: an unusable config exits 2 (issue 14, item 3).
+
+torchrun reports a worker's failure as its own exit 1, so "exit 2: the config is unusable,
+do not retry" never reached the Job's podFailurePolicy. The pod command built by
+``pods.trainer_command`` checks the config before torchrun starts any worker. Here the
+exact command (``python`` and ``torchrun`` resolved to this environment's, the config path
+to a local file) runs on CPU with two workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from operator_harness import run_manifest
+
+from visionr1_operator.cluster.controller import parse_run
+from visionr1_operator.cluster.naming import CONFIG_DIR, CONFIG_KEY
+from visionr1_operator.cluster.pods import trainer_command
+from visionr1_operator.plan import build_plan
+
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+
+
+def sft_plan(gpus: int):
+    doc = run_manifest("launch")
+    doc["spec"]["stages"]["sft"]["resources"] = {"gpusPerNode": gpus}
+    run, problems = parse_run(doc)
+    assert run is not None, problems
+    return next(p for p in build_plan(run, "visionr1/trainer:test") if p.name == "sft")
+
+
+def local(command: list[str], config: Path) -> list[str]:
+    """The pod's command with this machine's python and torchrun and a local config file."""
+    where = {"python": sys.executable, "torchrun": str(TORCHRUN)}
+    return [where.get(arg, arg.replace(f"{CONFIG_DIR}/{CONFIG_KEY}", str(config))) for arg in command]
+
+
+def run_pod_command(command: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run(command, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed")
+def test_a_bad_config_exits_2_under_torchrun_before_any_worker_starts(tmp_path):
+    plan = sft_plan(gpus=2)
+    command = trainer_command(plan)
+    assert "torchrun" in command and "--nproc-per-node=2" in command
+    termination = tmp_path / "termination-log"
+    config = tmp_path / "stage.json"
+    good = plan.config_json()
+    bad = {**good, "learningRate": "fast", "terminationMessagePath": str(termination)}
+    config.write_text(json.dumps(bad))
+    done = run_pod_command(local(command, config), tmp_path)
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    assert "error: bad config" in done.stderr
+    assert "ChildFailedError" not in done.stderr  # torchrun never started (its report of a failed worker)
+    summary = json.loads(termination.read_text())
+    assert summary["stage"] == "sft" and summary["error"].startswith("bad config") and "learningRate" in summary["error"]
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed")
+def test_torchrun_itself_turns_a_workers_exit_2_into_1(tmp_path):
+    """Why the check exists: the same bad config given to torchrun directly ends with 1."""
+    plan = sft_plan(gpus=2)
+    command = trainer_command(plan)
+    direct = command[command.index("torchrun"):]
+    config = tmp_path / "stage.json"
+    config.write_text(json.dumps({**plan.config_json(), "learningRate": "fast",
+                                  "terminationMessagePath": str(tmp_path / "termination-log")}))
+    done = run_pod_command(local(direct, config), tmp_path)
+    assert done.returncode == 1, (done.returncode, done.stderr[-2000:])
+    assert "ChildFailedError" in done.stderr and "exitcode  : 2" in done.stderr, done.stderr[-2000:]
+
+
+def test_a_valid_config_runs_the_command_unchanged(tmp_path):
+    """A config that validates: the launcher becomes the command (its exit status is the pod's)."""
+    plan = sft_plan(gpus=2)
+    config = tmp_path / "stage.json"
+    config.write_text(json.dumps(plan.config_json()))
+    probe = [sys.executable, "-c", "import os, sys; print(os.getpid()); sys.exit(7)"]
+    done = run_pod_command([sys.executable, "-m", "visionr1_trainer.launch", "sft", "--config", str(config),
+                            "--", *probe], tmp_path)
+    assert done.returncode == 7, done.stderr[-2000:]
