@@ -456,3 +456,67 @@ def test_generate_name_queue_name_and_conditions_map_as_the_api_server_enforces_
                                 "-p", json.dumps({"status": {"conditions": twice}}), check=False)
     assert duplicate.returncode != 0 and "Duplicate value" in duplicate.stderr, duplicate.stderr
     cluster.kubectl("delete", "vr1", name, "-n", namespace, "--wait=false", check=False)
+
+
+def test_a_multi_gpu_stage_with_an_unusable_config_is_not_retried(crd, tmp_path):
+    """Item 3: a 2-GPU SFT stage's pod checks its config before torchrun (the pod spec),
+    and its exit 2 fails the Job through the podFailurePolicy's first rule: the stage
+    fails after one attempt with the trainer's reason, although backoffLimit is 3."""
+    cluster, namespace, name = crd, "outcomes-badconfig", "badcfg"
+    ensure_namespace(cluster, namespace)
+    summary = {"stage": "sft", "error": "bad config: learningRate: Input should be a valid number"}
+    cluster.kubectl_apply(exit_stage("badcfg-sft-exits-2", {LABEL_RUN: name, LABEL_STAGE: "sft"},
+                                     exit_code=2, after_seconds=1, message=json.dumps(summary)))
+    doc = run_manifest(name, namespace)
+    doc["spec"]["stages"]["sft"] = {"backoffLimit": 3, "resources": {"gpusPerNode": 2}}
+    try:
+        with operator(cluster, tmp_path / "operator.log"):
+            cluster.kubectl("create", "-f", "-", input=json.dumps(doc))
+            job = wait_until(lambda: job_or_none(cluster, "badcfg-sft-1", namespace), 120, "the sft Job")
+            (container,) = job["spec"]["template"]["spec"]["containers"]
+            command = container["command"]
+            assert command[:8] == ["python", "-m", "visionr1_trainer.launch", "sft", "--config",
+                                   "/etc/visionr1/stage.json", "--", "torchrun"], command
+            assert "--nproc-per-node=2" in command
+            assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
+            wait_until(lambda: run_status(cluster, name, namespace).get("phase") == "Failed", 120, "the run Failed")
+            failed = job_or_none(cluster, "badcfg-sft-1", namespace)
+        sft = stage(run_status(cluster, name, namespace), "sft")
+        assert (sft["state"], sft["attempts"], sft.get("failures", 0)) == ("Failed", 1, 0), sft
+        assert "could not use its config (not retried)" in sft["message"] and "learningRate" in sft["message"], sft
+        reason = next(c for c in failed["status"]["conditions"] if c["type"] == "Failed")
+        assert reason["reason"] == "PodFailurePolicy" and "index 0" in reason["message"], reason
+        assert job_or_none(cluster, "badcfg-sft-2", namespace) is None
+    finally:
+        cluster.kubectl("delete", "stage", "badcfg-sft-exits-2", check=False)
+        cluster.kubectl("delete", "vr1", name, "-n", namespace, "--wait=false", check=False)
+
+
+def test_an_adopted_configmap_from_an_older_spec_is_not_used(crd, tmp_path):
+    """Item 8: before the operator first sees a run, a ConfigMap of the run's first bridge
+    attempt exists with another config (as after a crash between creating it and its Job,
+    and a spec edit since). The Job that runs must read the config its config-hash names."""
+    cluster, namespace, name = crd, "outcomes-stale", "stale"
+    ensure_namespace(cluster, namespace)
+    try:
+        cluster.kubectl("create", "-f", "-", input=json.dumps(run_manifest(name, namespace)))
+        uid = get_json(cluster, "vr1", name, "-n", namespace)["metadata"]["uid"]
+        stale = {"apiVersion": "v1", "kind": "ConfigMap", "immutable": True,
+                 "metadata": {"name": f"{name}-bridge-1", "namespace": namespace,
+                              "labels": {LABEL_RUN: name, LABEL_STAGE: "bridge"},
+                              "ownerReferences": [{"apiVersion": "visionr1.io/v1alpha1", "kind": "VisionR1Run",
+                                                   "name": name, "uid": uid, "controller": True}]},
+                 "data": {"stage.json": '{"stage": "bridge", "attempt": 1, "old": true}\n'}}
+        cluster.kubectl("create", "-f", "-", input=json.dumps(stale))
+        with operator(cluster, tmp_path / "operator.log"):
+            wait_until(lambda: stage(run_status(cluster, name, namespace), "bridge").get("state") == "Succeeded",
+                       120, "bridge Succeeded")
+            bridge = stage(run_status(cluster, name, namespace), "bridge")
+            ran = job_or_none(cluster, bridge["jobName"], namespace)
+        volumes = ran["spec"]["template"]["spec"]["volumes"]
+        config_map = next(v["configMap"]["name"] for v in volumes if "configMap" in v)
+        data = get_json(cluster, "configmap", config_map, "-n", namespace)["data"]["stage.json"]
+        assert '"old"' not in data and json.loads(data)["attempt"] == bridge["attempts"], data
+        assert ran["metadata"]["annotations"]["visionr1.io/config-hash"] == bridge["configHash"]
+    finally:
+        cluster.kubectl("delete", "vr1", name, "-n", namespace, "--wait=false", check=False)

@@ -30,6 +30,8 @@ from .handlers import FINALIZER as RUN_FINALIZER
 from .handlers import JOBS_SELECTOR
 from .naming import JOB_FINALIZER
 
+JSON_PATCH = "application/json-patch+json"
+
 
 def without(finalizers: list[str], finalizer: str) -> list[dict[str, Any]]:
     """A JSON patch that removes one finalizer, valid only if the list is still ``finalizers``."""
@@ -91,10 +93,11 @@ def release(batch, custom, namespaces: Sequence[str], log: Callable[[str], None]
                           "finalizers": j["metadata"].get("finalizers")}} for j in jobs]
     n_jobs = _strip(jobs, JOB_FINALIZER,
                     lambda n, ns: batch.read_namespaced_job(n, ns).to_dict(),
-                    lambda n, ns, body: batch.patch_namespaced_job(n, ns, body), "Job", log)
+                    lambda n, ns, body: batch.patch_namespaced_job(n, ns, body, _content_type=JSON_PATCH), "Job", log)
     n_runs = _strip(runs, RUN_FINALIZER,
                     lambda n, ns: custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, n),
-                    lambda n, ns, body: custom.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, n, body),
+                    lambda n, ns, body: custom.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, n, body,
+                                                                              _content_type=JSON_PATCH),
                     "VisionR1Run", log)
     return n_runs, n_jobs
 
