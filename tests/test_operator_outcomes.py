@@ -110,3 +110,15 @@ def test_a_lost_status_patch_keeps_the_failures_of_the_attempts_it_skipped():
     sim.status = before  # the patch that said attempt 2 and failures 1 was lost
     sim.step()
     assert (sim.record("bridge").attempts, sim.record("bridge").failures) == (2, 1)
+
+
+def test_a_queue_name_that_cannot_be_a_label_value_is_refused():
+    import pytest
+    from operator_harness import run_manifest
+
+    from visionr1_operator.manifest import ManifestError, validate_document
+
+    validate_document(run_manifest("q", queueName="q" * 63), source="run.yaml")
+    with pytest.raises(ManifestError) as refused:
+        validate_document(run_manifest("q", queueName="q" * 64), source="run.yaml")
+    assert any(path == "spec.queueName" for path, _ in refused.value.problems), refused.value.problems
