@@ -53,16 +53,15 @@ def micro_manifest(tmp: Path, inputs: Path, name: str) -> Path:
     spec["data"]["benchmarks"][0]["data"]["source"] = f"file://{inputs}/eval.jsonl"
     stages = spec["stages"]
     stages["sft"].update(epochs=1)
-    stages["ptst"] = [{"maxCompletionLength": 24, "numGenerations": 4, "steps": 2},
-                      {"maxCompletionLength": 48, "numGenerations": 2, "steps": 1}]
-    stages["eval"].update(maxTokens=48)
+    stages["ptst"] = [{"maxCompletionLength": 24, "numGenerations": 4, "steps": 2}]
+    stages["eval"].update(maxTokens=24)
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1800)  # 8 stage processes; on two cores shared with others it took 16 min
 def test_same_seed_same_figures(tmp_path):
     from visionr1_operator.local.display import RichDisplay
     from visionr1_operator.local.executor import execute, run_dir, with_local_storage
@@ -70,14 +69,14 @@ def test_same_seed_same_figures(tmp_path):
     from visionr1_operator.manifest import load_run
     from visionr1_trainer.demo import prepare
 
-    inputs = prepare(tmp_path / "inputs", n=24, seed=0, n_eval=8)
+    inputs = prepare(tmp_path / "inputs", n=16, seed=0, n_eval=8)
     figures = []
     for name in ("first", "second"):
         run = with_local_storage(load_run(micro_manifest(tmp_path, inputs, name)), None)
         assert execute(run, RichDisplay(Console(file=io.StringIO(), width=120)), metrics_port=0) == 0
         write_report(run_dir(run))
         figures.append(json.loads((run_dir(run) / "report" / "results.json").read_text()))
-    assert list(figures[0]["models"]) == ["base", "sft", "ptst-1", "ptst-2"]
+    assert list(figures[0]["models"]) == ["base", "sft", "ptst-1"]
     for f in figures[0]["models"].values():
         assert 0 <= f["accuracy"] <= 1 and f["completion_tokens"] > 0 and f["n"] == 8
     assert figures[0] == figures[1]
