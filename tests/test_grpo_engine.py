@@ -65,7 +65,7 @@ def test_two_ptst_stages_chain_through_committed_checkpoints(tmp_path, assets):
     # PTST stage 2: 8 tokens longer budget, half the samples, starting from stage 1's model.
     second = config(tmp_path, assets, stage="ptst-2", index=2, init_uri=first.output_uri, steps=1)
     second = second.model_copy(update={"ptst": second.ptst.model_copy(update={"max_completion_length": 48, "num_generations": 2})})
-    source, policy, reference, _, _ = load_models(second, DistEnv(0, 1, 0, "cpu", None), tmp_path / "w")
+    source, policy, reference, _, _, _ = load_models(second, DistEnv(0, 1, 0, "cpu", None), tmp_path / "w")
     assert source == str(out / "model")
     trained, _, _ = load_vlm(str(out / "model"), "float32")  # from_pretrained into a plain HF model
     weights = policy.full_state_dict()

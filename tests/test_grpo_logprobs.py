@@ -104,7 +104,7 @@ def test_the_stage_engines_score_through_the_chunked_head(tmp_path, tiny_dir):
     """load_models' policy (training forward and backward, old log-probs) and reference."""
     doc = grpo_config(tmp_path, tiny_dir, write_color_task(tmp_path / "data"), microBatchSize=2)
     cfg = GRPOStageConfig.model_validate(doc, by_name=False)
-    _, policy, reference, tok, ip = load_models(cfg, DistEnv(0, 1, 0, "cpu", None), tmp_path / "w")
+    _, policy, reference, tok, ip, _ = load_models(cfg, DistEnv(0, 1, 0, "cpu", None), tmp_path / "w")
     assert reference is not None
     plain = load_vlm(str(tiny_dir), "float32")[0]
     vocab, hidden = plain.lm_head.weight.shape

@@ -179,3 +179,29 @@ def test_soft_penalty_needs_a_buffer_that_fits_the_stage(tmp_path):
     doc["grpo"]["overlongBuffer"] = 8
     path.write_text(json.dumps(doc))
     assert isinstance(load_stage_config(path), GRPOStageConfig)
+
+
+# --- FastCuRL data slices --------------------------------------------------------------------------
+
+
+def test_curriculum_slice_hand_computed():
+    from visionr1_trainer.grpo.algos import curriculum_slice
+
+    keys = torch.tensor([30, 10, 20, 10, 50, 40])  # ranks: 1 (10), 3 (10), 2 (20), 0 (30), 5 (40), 4 (50)
+    assert curriculum_slice(keys, 0.0, 0.5).tolist() == [1, 2, 3]  # the three shortest, in file order
+    assert curriculum_slice(keys, 0.5, 1.0).tolist() == [0, 4, 5]
+    assert curriculum_slice(keys, 0.0, 1.0).tolist() == list(range(6))
+    assert curriculum_slice(keys, 0.0, 0.2).tolist() == [1]  # the tie 10/10 keeps file order
+    with pytest.raises(ValueError):
+        curriculum_slice(keys, 0.5, 0.5)
+
+
+def test_data_slice_validation_names_the_field():
+    from visionr1_trainer.config import PTSTStage
+
+    with pytest.raises(Exception, match=r"dataSlice[\s\S]*end: 0.3 is not above start \(0.5\)"):
+        PTSTStage.model_validate({"maxCompletionLength": 16, "numGenerations": 2,
+                                  "dataSlice": {"start": 0.5, "end": 0.3}}, by_name=False)
+    with pytest.raises(Exception, match="by"):
+        PTSTStage.model_validate({"maxCompletionLength": 16, "numGenerations": 2,
+                                  "dataSlice": {"by": "difficulty"}}, by_name=False)

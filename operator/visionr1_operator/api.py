@@ -247,6 +247,12 @@ class Stages(Schema):
             "(set grpo.allowUnequalBudget: true to override)",
             ".ptst",
         ),
+        CelRule(
+            "!has(self.grpo.overlong) || self.grpo.overlong != 'softPenalty' || "
+            "self.ptst.all(s, s.maxCompletionLength >= self.grpo.overlongBuffer)",
+            "grpo.overlongBuffer must not be above any PTST stage's maxCompletionLength",
+            ".grpo.overlongBuffer",
+        ),
     )
 
     bridge: BridgeStageSpec = Field(
@@ -267,7 +273,10 @@ class Stages(Schema):
 
     @model_validator(mode="after")
     def _ptst_rules(self) -> Stages:
-        raise_problems(_stages_ptst_problems(self.ptst, self.grpo.allow_unequal_budget))
+        raise_problems(_stages_ptst_problems(self.ptst, self.grpo.allow_unequal_budget) + [
+            (f"grpo.{f}", f"{m} of ptst[{i}]")
+            for i, s in enumerate(self.ptst) for f, m in self.grpo.length_problems(s.max_completion_length)
+        ])
         return self
 
 

@@ -116,7 +116,7 @@ def build_plan(run: VisionR1Run, default_image: str = DEFAULT_TRAINER_IMAGE) -> 
             init = list(trained.values())[-1] if trained else None
             plans.append(make(name, "grpo", stages.grpo, GRPOStageConfig(
                 **context, stage=name, output_uri=uri(name), ptst_index=i,
-                ptst_total=len(stages.ptst), init_uri=init, data=spec.data.rl,
+                ptst_total=len(stages.ptst), init_uri=init, cold_start_uri=trained.get("sft"), data=spec.data.rl,
                 ptst=ptst, grpo=grpo,
             )))
             trained[name] = uri(name)

@@ -531,6 +531,26 @@ class RewardTerm(Schema):
     weight: float = Field(default=1.0, ge=-100, le=100, description="Its weight in the sum.")
 
 
+class DataSlice(Schema):
+    """A slice of the RL set for one PTST stage (FastCuRL, arXiv 2503.17287)."""
+
+    cel_rules = (CelRule("self.start < self.end", "start must be below end", ".end"),)
+
+    by: Literal["promptLength", "order"] = Field(
+        default="promptLength",
+        description="promptLength: the rows sorted by their question's length in tokens (FastCuRL's "
+        "length-aware segmentation; ties keep file order); order: the rows as the file lists them.",
+    )
+    start: float = Field(default=0.0, ge=0, lt=1, description="Start of the slice, a fraction of the rows.")
+    end: float = Field(default=1.0, gt=0, le=1, description="End of the slice (exclusive), a fraction of the rows.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DataSlice:
+        if self.start >= self.end:
+            raise_problems([("end", f"{self.end} is not above start ({self.start})")])
+        return self
+
+
 class PTSTStage(Schema):
     """One Progressive Thinking Suppression Training stage (one GRPO run)."""
 
@@ -541,6 +561,11 @@ class PTSTStage(Schema):
         ge=2, le=512, description="Samples per prompt, the GRPO group size (16, then 8)."
     )
     steps: int = Field(default=100, ge=1, le=1_000_000, description="Optimizer steps.")
+    data_slice: DataSlice | None = Field(
+        default=None,
+        description="Train this stage on a slice of the RL set only (FastCuRL, arXiv 2503.17287: "
+        "short prompts first, e.g. {by: promptLength, end: 0.5}); default: every row.",
+    )
 
 
 def default_ptst() -> list[PTSTStage]:
@@ -637,6 +662,12 @@ class GRPOSettings(Schema):
         description="alpha of the group-normalised length penalty on correct answers (Arora and "
         "Zanette, arXiv 2502.04463): a correct completion's reward is multiplied by 1 - alpha x "
         "sigmoid(z), z its length's z-score among its group's correct completions; 0: off.",
+    )
+    reference: Literal["stageStart", "coldStart"] = Field(
+        default="stageStart",
+        description="The KL anchor: stageStart, each PTST stage's starting model (the previous "
+        "stage's output); coldStart, the cold-start SFT output for every PTST stage. The KL to "
+        "the cold-start model is logged either way (kl_cold_start).",
     )
     rollout_backend: Literal["vllm", "hf"] = Field(
         default="vllm", description="Rollout engine: vllm (GPU) or hf (transformers, CPU or GPU)."
@@ -841,6 +872,10 @@ class GRPOStageConfig(StageContext):
     init_uri: StorageUriNoCredentials | None = Field(
         default=None,
         description="Stage output to start from (previous PTST stage or SFT); None = base model.",
+    )
+    cold_start_uri: StorageUriNoCredentials | None = Field(
+        default=None,
+        description="The cold-start SFT output (reference: coldStart, and kl_cold_start); None = base model.",
     )
     data: DatasetRef = Field(description="The RL set (geometry3k format).")
     ptst: PTSTStage = Field(description="This stage's length budget and group size.")

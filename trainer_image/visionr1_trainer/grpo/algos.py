@@ -164,6 +164,31 @@ def group_length_penalty(lengths: torch.Tensor, correct: torch.Tensor, group_siz
     return torch.where(right.bool(), factor, torch.ones_like(factor)).view(-1)
 
 
+# --- data curriculum -------------------------------------------------------------------
+
+
+def curriculum_slice(keys: torch.Tensor, start: float, end: float) -> torch.Tensor:
+    """FastCuRL's length-aware segmentation (Song et al., arXiv 2503.17287, sec. 3.1): the
+    rows whose key (e.g. the prompt's length in tokens) ranks in ``[start, end)`` of the set.
+
+    Args:
+        keys: ``(N,)`` one sort key per row; ties keep the rows' order (a stable sort).
+        start, end: fractions of the rows, ``0 <= start < end <= 1``; the slice is ranks
+            ``floor(start * N)`` to ``floor(end * N)`` (``N`` for ``end == 1``), so adjacent
+            slices (``[0, 0.5)``, ``[0.5, 1)``) partition the set.
+
+    Returns: ``(n,)`` long, the chosen rows' indexes in ascending (file) order.
+    """
+    if keys.dim() != 1:
+        raise ValueError(f"keys must be 1-D (N,), got shape {tuple(keys.shape)}")
+    if not 0 <= start < end <= 1:
+        raise ValueError(f"need 0 <= start < end <= 1, got start={start}, end={end}")
+    n = keys.numel()
+    order = torch.sort(keys, stable=True).indices
+    first, last = int(start * n), n if end >= 1 else int(end * n)
+    return order[first:last].sort().values
+
+
 # --- KL -------------------------------------------------------------------------------
 
 

@@ -31,7 +31,7 @@ from ..metrics import METRICS_LOG, StageMetrics
 from ..models.loading import load_model, load_model_config, load_processor_parts, torch_dtype
 from ..models.vlm import IMAGE_TOKEN
 from ..runtime import StageStopped, UnusableSetting, stop_requested
-from .algos import group_advantages, masked_mean, policy_loss
+from .algos import curriculum_slice, group_advantages, kl_k3, masked_mean, policy_loss
 from .batch import aggregation_weight, micro_batches, pad_groups, sequence_logprobs
 from .collect import collect_batch, decode_completions  # noqa: F401  (decode_completions: the bench uses it)
 from .engine import EngineSpec, make_engine, make_reference
@@ -56,6 +56,7 @@ class GRPOState:
     examples: list
     image_token_id: int
     scorer: Any = None  # RewardScorer (grpo/reward_plugins.py)
+    cold_start: Any | None = None  # FrozenModel of the cold-start model (the reference itself when it is one)
     history: list[dict] = field(default_factory=list)
 
 
@@ -162,11 +163,14 @@ def update_policy(state: GRPOState, batch, advantages: torch.Tensor) -> dict[str
     shared = not state.engine.spec.activation_checkpointing  # checkpointed layers keep no KV cache
     old = frozen_logprobs(state.engine, batch, rows, grpo, device, shared) if reuse else None
     ref = frozen_logprobs(state.reference, batch, rows, grpo, device, shared) if state.reference is not None else None
+    cold = None  # None: kl_cold_start is the KL term itself (the reference is the cold-start model)
+    if state.cold_start is not None and state.cold_start is not state.reference:
+        cold = frozen_logprobs(state.cold_start, batch, rows, grpo, device, shared)
     totals: dict[str, list[torch.Tensor]] = {}
     train_tokens, started = int(batch.loss_mask.sum()) * grpo.updates_per_batch, time.perf_counter()
     for _ in range(grpo.updates_per_batch):
         for mini in minis:
-            for key, value in train_minibatch(state, batch, mini, advantages, old, ref, shared).items():
+            for key, value in train_minibatch(state, batch, mini, advantages, old, ref, shared, cold).items():
                 totals.setdefault(key, []).append(value)
     out = {k: torch.stack(v).mean() for k, v in totals.items()}
     out["train_tokens_per_s"] = torch.tensor(train_tokens / max(time.perf_counter() - started, 1e-9))
@@ -182,7 +186,7 @@ def frozen_logprobs(model, batch, rows, grpo, device, shared_prefix: bool = True
 
 
 def train_minibatch(state: GRPOState, batch, mini: list[int], advantages, old, ref,
-                    shared_prefix: bool = True) -> dict[str, torch.Tensor]:
+                    shared_prefix: bool = True, cold=None) -> dict[str, torch.Tensor]:
     """Accumulate gradients over micro-batches, average over ranks, clip, step."""
     grpo, device, engine = state.config.grpo, state.env.device, state.engine
     engine.zero_grad()
@@ -209,7 +213,10 @@ def train_minibatch(state: GRPOState, batch, mini: list[int], advantages, old, r
         )
         weight = aggregation_weight(batch.loss_mask, micro, mini, grpo.loss_aggregation)
         engine.backward(loss * weight, last=index == len(micros) - 1)
-        stats = {**stats, "loss": loss.detach(), "entropy": masked_mean(entropy, mask[:, :entropy.shape[1]])}
+        width = entropy.shape[1]
+        stats = {**stats, "loss": loss.detach(), "entropy": masked_mean(entropy, mask[:, :width])}
+        stats["kl_cold_start"] = stats["kl"] if cold is None else masked_mean(
+            kl_k3(logprobs[:, :width].detach(), cold[micro].to(device)), mask[:, :width])
         for key, value in stats.items():
             acc[key] = acc.get(key, torch.tensor(0.0)) + value.detach().cpu() * weight
     acc["grad_norm"] = engine.step()
@@ -260,10 +267,24 @@ def load_models(config: GRPOStageConfig, env: DistEnv, work: Path, weights_dir: 
     engine = make_engine(loader(str(weights_dir) if weights_dir else source), lambda: load_model_config(source),
                          env, spec)
     engine.train()
+    cold = cold_start_source(config, work, source)
+    anchor = cold if config.grpo.reference == "coldStart" else source
     reference = None
     if config.grpo.beta > 0:
-        reference = make_reference(loader(source), lambda: load_model_config(source), env, spec)
-    return source, engine, reference, tokenizer, image_processor
+        reference = make_reference(loader(anchor), lambda: load_model_config(source), env, spec)
+    # The cold-start model, for kl_cold_start: the reference itself when it is one.
+    cold_start = reference if reference is not None and anchor == cold else (
+        make_reference(loader(cold), lambda: load_model_config(source), env, spec))
+    return source, engine, reference, tokenizer, image_processor, cold_start
+
+
+def cold_start_source(config: GRPOStageConfig, work: Path, source: str) -> str:
+    """The cold-start model's directory: the SFT output (``coldStartUri``), else the base
+    model; ``source`` (not fetched again) when the stage starts from it (PTST stage 1)."""
+    uri = config.cold_start_uri or config.model.name
+    if uri == (config.init_uri or config.model.name):
+        return source
+    return resolve_model_dir(uri, config.storage, work)
 
 
 def run(config: GRPOStageConfig) -> dict[str, Any]:
@@ -294,23 +315,24 @@ def _train(config: GRPOStageConfig, env: DistEnv, work: Path, metrics: StageMetr
     torch.manual_seed(grpo.seed + env.rank)
     ckpt = CheckpointManager(config.output_uri, config.storage, work)
     found = ckpt.restore_dir()  # resume: weights load into the engine as it is built
-    source, engine, reference, tokenizer, image_processor = load_models(
+    source, engine, reference, tokenizer, image_processor, cold_start = load_models(
         config, env, work, found[1] / "model" if found else None
     )
     data = read_rl(config.data, config.storage)
     if not data.items:
         raise RuntimeError(f"{config.data.source}: no usable RL rows (skipped: {dict(data.skipped)})")
+    examples = stage_examples(data.items, config.ptst.data_slice, tokenizer)
     start = ckpt.load_ranked(found, engine, env) if found else 0
     if found is None:
         engine.broadcast_from_rank0()
     metrics.rewind(start, found[1] / METRICS_LOG if found else None)
     state = GRPOState(
         config, env, engine, reference, tokenizer, image_processor,
-        make_rollout(grpo.rollout_backend, engine, tokenizer, env, config), data.items,
-        tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), scorer,
+        make_rollout(grpo.rollout_backend, engine, tokenizer, env, config), examples,
+        tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), scorer, cold_start,
     )
     metrics.set(total_steps=total)
-    metrics.event("start", step=start, init=source, examples=len(data.items),
+    metrics.event("start", step=start, init=source, examples=len(examples), rl_rows=len(data.items),
                   skipped=dict(data.skipped), resumed=found is not None, attempt=config.attempt,
                   **engine.describe())
     log.info("PTST stage %d/%d: %d x %d, steps %d..%d, from %s, %s", config.ptst_index, config.ptst_total,
@@ -348,6 +370,20 @@ def run_steps(state: GRPOState, ckpt: CheckpointManager, metrics: StageMetrics, 
     if env.is_main:
         ckpt.store.put_json("summary.json", summary)
     return summary
+
+
+def stage_examples(items: list, data_slice, tokenizer) -> list:
+    """The RL rows this PTST stage trains on: all, or its ``dataSlice`` (FastCuRL)."""
+    if data_slice is None:
+        return items
+    if data_slice.by == "promptLength":  # the question's text tokens (image tokens not counted)
+        keys = torch.tensor([len(tokenizer(ex.problem, add_special_tokens=False).input_ids) for ex in items])
+    else:
+        keys = torch.arange(len(items))
+    chosen = curriculum_slice(keys, data_slice.start, data_slice.end).tolist()
+    if not chosen:
+        raise UnusableSetting(f"ptst.dataSlice: [{data_slice.start}, {data_slice.end}) of {len(items)} RL rows is empty")
+    return [items[i] for i in chosen]
 
 
 def record_replicas(engine, env: DistEnv, metrics: StageMetrics) -> None:
