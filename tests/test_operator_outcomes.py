@@ -4,7 +4,7 @@ lost status patches, readiness (outcomes.py, reconcile.py)."""
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 
 from test_operator_reconcile import Sim
 
@@ -12,8 +12,6 @@ from visionr1_operator.api import StageStatus, VisionR1RunStatus
 from visionr1_operator.cluster.naming import JOB_FINALIZER
 from visionr1_operator.cluster.observe import JobView, observe_job
 from visionr1_operator.cluster.outcomes import outcome_recorded, releasable, ttl_due
-
-T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
 
 def job(name="r-sft-1", stage="sft", attempt=1, state="Failed", **fields) -> JobView:
