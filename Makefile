@@ -57,15 +57,17 @@ tools-build: install
 		echo "!!! strace not found: the read-only stage run will be SKIPPED !!!" >&2
 
 # The test control plane (tests/cluster/): etcd, kube-apiserver, kube-controller-manager,
-# kube-scheduler and kwok, built from pinned Go modules into ~/.cache/visionr1/cluster.
+# kube-scheduler and kwok, and Kueue's manager (for tests/test_cluster_kueue.py), built from
+# pinned Go modules into ~/.cache/visionr1/cluster.
 # Without Go: one loud line, and the cluster tests skip (CI sets VISIONR1_REQUIRE_CLUSTER=1
 # and fails instead).
 cluster-build: install
-	@if command -v go >/dev/null; then $(BIN)/python tests/cluster/gobuild.py; \
+	@if command -v go >/dev/null; then $(BIN)/python tests/cluster/gobuild.py --kueue; \
 	elif [ "$$VISIONR1_REQUIRE_CLUSTER" = 1 ]; then echo "error: Go is required to build the test control plane" >&2; exit 1; \
 	else echo "!!! Go not found: the tests on the real control plane will be SKIPPED !!!" >&2; fi
 
-# CLUSTER_DIR (default .cluster) holds kubeconfig and logs/; CLUSTER_NODES fake GPU nodes (default 4).
+# CLUSTER_DIR (default .cluster) holds kubeconfig and logs/; CLUSTER_NODES fake GPU nodes (default 4);
+# CLUSTER_KUEUE=1 starts Kueue's manager too.
 cluster: cluster-build
 	$(BIN)/python tests/cluster/controlplane.py
 

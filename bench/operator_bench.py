@@ -1,6 +1,10 @@
 """Operator benchmark: many VisionR1Runs at once against the Kubernetes API emulator.
 
     .venv/bin/python bench/operator_bench.py --runs 500
+    .venv/bin/python bench/operator_bench.py --cluster --runs 500   # the real control plane
+
+``--cluster`` runs the same load against the real control plane with kwok nodes
+(bench/operator_cluster_bench.py): the API server's watch events and audit log measure it.
 
 The emulator (kmock's ``KubernetesEmulator`` with the metadata a real API server keeps,
 from ``tests/operator_harness.py``) serves HTTP in this process; the operator runs as
@@ -283,9 +287,19 @@ def main() -> int:
     parser.add_argument("--keep-log", help="copy the operator's log here")
     parser.add_argument("--profile", help="run the operator under cProfile, writing its stats here")
     parser.add_argument("--verbose", action="store_true", help="the operator logs at debug level")
+    parser.add_argument("--cluster", action="store_true",
+                        help="against the real control plane with kwok nodes (bench/operator_cluster_bench.py)")
+    import operator_cluster_bench
+
+    operator_cluster_bench.add_arguments(parser)
     args = parser.parse_args()
     random.seed(args.seed)
-    result = asyncio.run(bench(args))
+    if args.cluster:
+        if args.out == parser.get_default("out"):
+            args.out = str(ROOT / "bench" / "results" / "operator_bench_cluster.json")
+        result = operator_cluster_bench.bench(args)
+    else:
+        result = asyncio.run(bench(args))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

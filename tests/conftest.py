@@ -54,6 +54,25 @@ def cluster(tmp_path_factory):
     plane.stop()
 
 
+@pytest.fixture(scope="module")
+def kueue(cluster):
+    """Kueue's manager (built from its pinned Go module, tests/cluster/kueue/) running
+    against the session's control plane for one test module; stopped, and its webhooks
+    removed, after it. The control plane itself, for convenience."""
+    import controlplane
+    import gobuild
+
+    try:
+        cluster.start_kueue(timeout=float(os.environ.get("VISIONR1_CLUSTER_TIMEOUT", "240")))
+    except (controlplane.ControlPlaneError, gobuild.BuildError, PermissionError) as exc:
+        cluster.stop_kueue()
+        if _require():
+            pytest.fail(f"Kueue did not start: {exc}", pytrace=False)
+        pytest.skip(f"Kueue did not start: {exc}")
+    yield cluster
+    cluster.stop_kueue()
+
+
 @pytest.fixture(autouse=True)
 def _no_cloud_metadata(monkeypatch):
     """boto3 looks for credentials and a region at the cloud metadata address when the

@@ -40,6 +40,7 @@ sys.path.insert(0, str(HERE))
 import gobuild  # noqa: E402  (this folder is not a package: make cluster runs it as a script)
 import pki  # noqa: E402
 import kwok_stages  # noqa: E402
+import kueue_setup  # noqa: E402
 
 # Cluster IPs are only names here (no kube-proxy routes them); pki.SERVER_IPS holds
 # the `kubernetes` Service's address from this range.
@@ -120,6 +121,11 @@ class ControlPlane:
     components: list[Component] = field(default_factory=list)
     api_port: int = 0
     token: str = ""
+    kueue: bool = False  # start Kueue's manager too (``start_kueue``; CLUSTER_KUEUE=1 for make cluster)
+    gpus_per_node: int = 8  # nvidia.com/gpu of each fake node (a benchmark packs more runs per node)
+    audit: bool = False  # the API server logs every write (logs/audit.log, JSON lines): who wrote what, when
+    controller_qps: int = 20  # kube-controller-manager's client rate (its default); a benchmark raises it
+    _env: dict[str, str] = field(default_factory=dict)
 
     @property
     def kubeconfig(self) -> Path:
@@ -137,7 +143,7 @@ class ControlPlane:
         tls = pki.write_pki(self.cluster_dir / "pki")
         self.token = secrets.token_hex(16)
         (self.cluster_dir / "tokens.csv").write_text(f'{self.token},admin,admin,"system:masters"\n')
-        env = {k: v for k, v in os.environ.items() if not k.startswith("KUBECONFIG")}
+        env = self._env = {k: v for k, v in os.environ.items() if not k.startswith("KUBECONFIG")}
         deadline = time.monotonic() + timeout
         try:
             etcd_url = self._start_etcd(binaries["k8s"], env)
@@ -151,6 +157,8 @@ class ControlPlane:
             self._create_nodes()
             self._wait_default_service_account(deadline)
             self._check_kwok(binaries, env, deadline)
+            if self.kueue:
+                self.start_kueue(timeout=max(60.0, deadline - time.monotonic()))
         except BaseException:
             self.stop()
             raise
@@ -161,6 +169,82 @@ class ControlPlane:
         for component in reversed(self.components):
             component.stop()
         self.components.clear()
+
+    def component(self, name: str) -> Component:
+        return next(c for c in self.components if c.name == name)
+
+    def restart(self, name: str, down_seconds: float = 0.0, timeout: float = 120.0) -> None:
+        """Stop one component and start it again with the same flags, ports and data
+        directory (etcd keeps its data; the API server its port, so clients reconnect)."""
+        component = self.component(name)
+        component.stop()
+        time.sleep(down_seconds)
+        component.start(self._env)
+        deadline = time.monotonic() + timeout
+        if name == "etcd":
+            url = next(a.split("=", 1)[1] for a in component.argv if a.startswith("--listen-client-urls="))
+            self._wait_http(f"{url}/health", "etcd", deadline)
+        elif name == "kube-apiserver":
+            self._wait_api_ready(deadline)
+        elif name == "kueue":
+            self._wait_kueue(deadline)
+
+    # --- Kueue ---------------------------------------------------------------------------
+
+    def start_kueue(self, timeout: float = 120.0) -> None:
+        """Kueue's manager (batch/job integration) against this control plane: its CRDs,
+        its webhooks on a loopback port, then the process; returns once its webhooks answer."""
+        if any(c.name == "kueue" for c in self.components):
+            return
+        binary = gobuild.build_kueue(self.log)
+        source = gobuild.module_dir(gobuild.KUEUE_MODULE, gobuild.KUEUE.module_dir)
+        pki_dir, kueue_dir = self.cluster_dir / "pki", self.cluster_dir / "kueue"
+        cert_dir = kueue_dir / "certs"
+        pki.write_serving_cert(pki_dir, cert_dir, "kueue-webhook")
+        kueue_setup.ensure_metrics_certs(pki_dir)
+        self.kueue_webhook_port, self.kueue_health_port = free_port(), free_port()
+        config = kueue_dir / "config.yaml"
+        config.write_text(kueue_setup.config_yaml(self.kueue_webhook_port, self.kueue_health_port, cert_dir))
+        ca = kueue_setup.ca_bundle(pki_dir)
+        self.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-",
+                     input=kueue_setup.crds_yaml(source, self.kueue_webhook_port, ca))
+        for crd in ("workloads", "clusterqueues", "localqueues", "resourceflavors", "workloadpriorityclasses"):
+            self.wait_established(f"{crd}.kueue.x-k8s.io")
+        self.kubectl_apply("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: kueue-system\n")
+        self._component("kueue", [
+            str(binary), f"--config={config}", f"--feature-gates={kueue_setup.FEATURE_GATES}",
+            f"--kubeconfig={self.kubeconfig}",
+        ], {**self._env, "KUBECONFIG": str(self.kubeconfig)})
+        self.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-",
+                     input=kueue_setup.webhooks_yaml(source, self.kueue_webhook_port, ca))
+        self._wait_kueue(time.monotonic() + timeout)
+        self.log(f"[cluster] Kueue ready (webhooks on 127.0.0.1:{self.kueue_webhook_port})")
+
+    def stop_kueue(self) -> None:
+        """Stop Kueue and remove its webhook configurations (with Kueue gone, their
+        failurePolicy Fail would refuse every Job create). Its CRDs and objects stay."""
+        for name in ("kueue-mutating-webhook-configuration", "kueue-validating-webhook-configuration"):
+            kind = "mutatingwebhookconfiguration" if "mutating" in name else "validatingwebhookconfiguration"
+            self.kubectl("delete", kind, name, "--ignore-not-found", check=False)
+        for component in [c for c in self.components if c.name == "kueue"]:
+            component.stop()
+            self.components.remove(component)
+
+    def _wait_kueue(self, deadline: float) -> None:
+        """Until Kueue's webhooks answer the API server: a server-side dry run of a
+        ResourceFlavor goes through its mutating and validating webhooks."""
+        probe = json.dumps({"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor",
+                            "metadata": {"name": "kueue-probe"}})
+        while True:
+            self.check_alive()
+            out = self.kubectl("create", "--dry-run=server", "-f", "-", input=probe, check=False)
+            if out.returncode == 0:
+                return
+            if time.monotonic() > deadline:
+                raise ControlPlaneError(
+                    f"Kueue's webhooks never answered ({out.stderr.strip()[-500:]}); "
+                    f"log {self.cluster_dir / 'logs/kueue.log'}")
+            time.sleep(0.5)
 
     def check_alive(self) -> None:
         for component in self.components:
@@ -211,13 +295,32 @@ class ControlPlane:
             "--allow-privileged=true", "--profiling=false",
             # No kubelets: nothing may try to reach a node address for logs or exec.
             "--endpoint-reconciler-type=none",
+            *self._audit_flags(),
         ], env)
+
+    def _audit_flags(self) -> list[str]:
+        if not self.audit:
+            return []
+        policy = self.cluster_dir / "audit-policy.yaml"
+        # Writes only; Events with their body (it names the object an Event is about).
+        policy.write_text(
+            "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n"
+            "- level: None\n  verbs: [get, list, watch]\n"
+            "- level: Request\n  resources: [{group: \"\", resources: [events]}]\n"
+            "- level: Metadata\n")
+        return [f"--audit-policy-file={policy}", f"--audit-log-path={self.audit_log}",
+                "--audit-log-format=json", "--audit-log-maxsize=0"]
+
+    @property
+    def audit_log(self) -> Path:
+        return self.cluster_dir / "logs" / "audit.log"
 
     def _start_controllers(self, binaries: dict[str, Path], tls: "pki.PKI", env: dict[str, str]) -> None:
         k8s, kubeconfig = str(binaries["k8s"]), str(self.kubeconfig)
         self._component("kube-controller-manager", [
             k8s, "kube-controller-manager", f"--kubeconfig={kubeconfig}",
             "--leader-elect=false", f"--controllers={CONTROLLERS}",
+            f"--kube-api-qps={self.controller_qps}", f"--kube-api-burst={self.controller_qps * 2}",
             f"--service-account-private-key-file={tls.sa_private}",
             f"--root-ca-file={tls.ca_cert}",
             "--bind-address=127.0.0.1", "--secure-port=0",
@@ -350,7 +453,9 @@ class ControlPlane:
         self.kubectl_apply(kwok_stages.default_stages_yaml(kwok_source))
 
     def _create_nodes(self) -> None:
-        status = json.dumps({"status": {"capacity": NODE_CAPACITY, "allocatable": NODE_CAPACITY}})
+        capacity = {**NODE_CAPACITY, "nvidia.com/gpu": str(self.gpus_per_node),
+                    "pods": str(max(110, self.gpus_per_node + 10))}
+        status = json.dumps({"status": {"capacity": capacity, "allocatable": capacity}})
         for i in range(self.nodes):
             name = f"gpu-node-{i}"
             self.kubectl_apply(node_yaml(name))
@@ -448,7 +553,7 @@ spec: {{}}
 def main() -> int:
     cluster_dir = Path(os.environ.get("CLUSTER_DIR", ".cluster")).resolve()
     nodes = int(os.environ.get("CLUSTER_NODES", "4"))
-    plane = ControlPlane(cluster_dir, nodes=nodes)
+    plane = ControlPlane(cluster_dir, nodes=nodes, kueue=os.environ.get("CLUSTER_KUEUE") == "1")
     stop = {"now": False}
 
     def on_signal(signum, _frame):

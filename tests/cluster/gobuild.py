@@ -1,16 +1,19 @@
 """Build the test control plane's binaries from the pinned Go modules, once per version.
 
-Two binaries, each from its own module in this folder:
+Three binaries, each from its own module in this folder:
 
     k8s    etcd, kube-apiserver, kube-controller-manager, kube-scheduler (cmd/k8s)
     kwok   fake nodes and their pods (kwok/)
+    kueue  Kueue's manager: quota, admission, preemption (kueue/; built on demand,
+           only the tests that ask for Kueue need it)
 
 They land in ``$VISIONR1_CLUSTER_CACHE`` (default ``~/.cache/visionr1/cluster``) under a
 key made of everything that decides their bytes: the go.mod/go.sum files, the main
 package, the Go version and the link flags. A warm cache costs nothing; a cold build
 on 2 cores takes a while, so progress is printed as packages compile.
 
-    python tests/cluster/gobuild.py          # build (or find) both, print their paths
+    python tests/cluster/gobuild.py          # build (or find) k8s and kwok, print their paths
+    python tests/cluster/gobuild.py --kueue  # and Kueue
 """
 
 from __future__ import annotations
@@ -50,6 +53,9 @@ TARGETS = (
     Target("k8s", HERE, "./cmd/k8s", ("go.mod", "go.sum", "cmd/k8s/main.go")),
     Target("kwok", HERE / "kwok", "sigs.k8s.io/kwok/cmd/kwok", ("go.mod", "go.sum", "tools.go")),
 )
+# Kueue is not part of the plain control plane: `build_kueue()` builds it when asked.
+KUEUE = Target("kueue", HERE / "kueue", "sigs.k8s.io/kueue/cmd/kueue", ("go.mod", "go.sum", "tools.go"))
+KUEUE_MODULE = "sigs.k8s.io/kueue@v0.17.0"
 
 
 class BuildError(RuntimeError):
@@ -136,14 +142,19 @@ def module_dir(module: str, cwd: Path) -> Path:
     return Path(json.loads(out.stdout)["Dir"])
 
 
-def build_all(log=print) -> dict[str, Path]:
+def build_all(log=print, kueue: bool = False) -> dict[str, Path]:
     go = go_binary()
-    return {t.name: build(t, go, log) for t in TARGETS}
+    targets = TARGETS + ((KUEUE,) if kueue else ())
+    return {t.name: build(t, go, log) for t in targets}
+
+
+def build_kueue(log=print) -> Path:
+    return build(KUEUE, go_binary(), log)
 
 
 if __name__ == "__main__":
     try:
-        for name, path in build_all().items():
+        for name, path in build_all(kueue="--kueue" in sys.argv[1:]).items():
             print(f"{name}: {path}")
     except BuildError as exc:
         print(f"error: {exc}", file=sys.stderr)

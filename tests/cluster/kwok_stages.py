@@ -58,11 +58,14 @@ def _label_expressions(labels: dict[str, str]) -> list[dict]:
 
 
 def exit_stage(name: str, labels: dict[str, str], exit_code: int, after_seconds: float = 0,
-                  message: str = "") -> str:
+                  message: str = "", up_to_seconds: float | None = None,
+                  namespace: str | None = None) -> str:
     """A Stage that ends the matching Running pods with ``exit_code`` after ``after_seconds``.
 
     ``message`` becomes each container's termination message (what a stage writes as its
-    summary on exit), so a test can play a trainer's exit summary too.
+    summary on exit), so a test can play a trainer's exit summary too. With
+    ``up_to_seconds`` each pod ends at a random time between the two (kwok's jitter);
+    ``namespace`` selects every pod of that namespace (``labels`` may then be empty).
     """
     phase = "Succeeded" if exit_code == 0 else "Failed"
     reason = "Completed" if exit_code == 0 else "Error"
@@ -95,9 +98,11 @@ def exit_stage(name: str, labels: dict[str, str], exit_code: int, after_seconds:
                 {"key": ".metadata.deletionTimestamp", "operator": "DoesNotExist"},
                 {"key": ".status.phase", "operator": "In", "values": ["Running"]},
                 *_label_expressions(labels),
+                *([{"key": ".metadata.namespace", "operator": "In", "values": [namespace]}] if namespace else []),
             ]},
             "weight": 1,
-            "delay": {"durationMilliseconds": int(after_seconds * 1000)},
+            "delay": {"durationMilliseconds": int(after_seconds * 1000),
+                      **({"jitterDurationMilliseconds": int(up_to_seconds * 1000)} if up_to_seconds else {})},
             "next": {"statusTemplate": template},
         },
     }

@@ -68,11 +68,36 @@ def write_pki(directory: Path) -> PKI:
     pki = PKI(directory / "ca.crt", directory / "apiserver.crt", directory / "apiserver.key",
               directory / "sa.key", directory / "sa.pub")
     pki.ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (directory / "ca.key").write_bytes(_pem_key(ca_key))  # signs serving certs (Kueue's webhooks)
     pki.server_cert.write_bytes(server.public_bytes(serialization.Encoding.PEM))
     pki.server_key.write_bytes(_pem_key(server_key))
     pki.sa_private.write_bytes(_pem_key(sa_key))
     pki.sa_public.write_bytes(sa_key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-    for key_file in (pki.server_key, pki.sa_private):
+    for key_file in (pki.server_key, pki.sa_private, directory / "ca.key"):
         key_file.chmod(0o600)
     return pki
+
+
+def write_serving_cert(pki_dir: Path, out_dir: Path, common_name: str, ips=("127.0.0.1",),
+                       names=("localhost",)) -> tuple[Path, Path]:
+    """``tls.crt`` and ``tls.key`` in ``out_dir``, signed by the CA in ``pki_dir``: a
+    serving certificate for a webhook the API server calls on a loopback address."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ca = x509.load_pem_x509_certificate((pki_dir / "ca.crt").read_bytes())
+    ca_key = serialization.load_pem_private_key((pki_dir / "ca.key").read_bytes(), password=None)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    key = ec.generate_private_key(ec.SECP256R1())
+    sans = [x509.DNSName(n) for n in names] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+    cert = (x509.CertificateBuilder(not_valid_before=now - datetime.timedelta(minutes=5),
+                                    not_valid_after=now + datetime.timedelta(days=7))
+            .subject_name(_name(common_name)).issuer_name(ca.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    crt, key_file = out_dir / "tls.crt", out_dir / "tls.key"
+    crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(_pem_key(key))
+    key_file.chmod(0o600)
+    return crt, key_file
