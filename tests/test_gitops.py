@@ -123,7 +123,8 @@ def _refused() -> Run:
 # name -> (the run, Argo CD health, Flux: runs.yaml's Kustomization, Flux: the one that waits for the end)
 STATES: dict[str, tuple[Callable[[], Run], str, str, str]] = {
     "applied, no status yet": (lambda: Run(), "Progressing", "Unknown", "Unknown"),
-    "first stage running": (lambda: Run().reconcile(), "Progressing", "Current", "InProgress"),
+    # (Running from the second look: the first creates the Job, whose pods are not up yet.)
+    "first stage running": (lambda: Run().reconcile().reconcile(), "Progressing", "Current", "InProgress"),
     "queued in Kueue": (lambda: Run("multinode.yaml").reconcile(), "Progressing", "Current", "InProgress"),
     "retry after a failed attempt": (_retrying, "Progressing", "Current", "InProgress"),
     "suspended": (lambda: Run().reconcile().edit(lambda s: s.update(suspend=True)).reconcile(),
@@ -199,7 +200,8 @@ def test_argocd_health(argo_health, state):
 def test_argocd_health_messages_come_from_the_conditions(argo_health):
     failed = argo_health(_failed().object())
     assert "stage bridge" in failed["message"] and "RuntimeError: boom" in failed["message"]
-    assert "stage bridge is running" in argo_health(Run().reconcile().object())["message"]
+    assert "stage bridge is running" in argo_health(Run().reconcile().reconcile().object())["message"]
+    assert "waits for its pods to start" in argo_health(Run().reconcile().object())["message"]
     assert "gpu-research" in argo_health(Run("multinode.yaml").reconcile().object())["message"]
     assert "generation 2" in argo_health(STATES["spec edited, not reconciled yet"][0]().object())["message"]
     assert "bridge" in argo_health(_refused().object())["message"]
