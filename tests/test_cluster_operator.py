@@ -31,6 +31,7 @@ from cluster_harness import (
     service_account_kubeconfig,
     wait_until,
 )
+from kwok_stages import exit_stage
 from operator_harness import run_manifest
 
 from visionr1_operator.cluster.naming import LABEL_RUN
@@ -70,6 +71,10 @@ def test_operator_with_the_charts_permissions_takes_a_run_through_every_stage(mo
         kubeconfig = service_account_kubeconfig(cluster, sa, tmp_path / "operator.kubeconfig")
         log = tmp_path / "operator.log"
         run = f"everything-{mode}"
+        # The bridge stage's pod runs for 3 s: a run is Running only while its pods are up
+        # (kwok's default pods finish as soon as they are ready).
+        cluster.kubectl_apply(exit_stage(f"{run}-bridge-runs", {LABEL_RUN: run, "visionr1.io/stage": "bridge"},
+                                         exit_code=0, after_seconds=3))
         with operator_process(kubeconfig, chart_args, log) as operator:
             watch = subprocess.Popen(
                 kubectl_cmd(cluster, "get", "vr1", "-n", NAMESPACE, "-w", "--no-headers", "-o",

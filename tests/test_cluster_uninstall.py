@@ -77,7 +77,11 @@ def test_helm_uninstall_leaves_runs_and_their_jobs_deletable_without_the_operato
                                f"--kubeconfig={kubeconfig}", "--timeout=90"],
                               capture_output=True, text=True, timeout=150)
         assert hook.returncode == 0, hook.stdout + hook.stderr
-        assert "removed" in hook.stdout and "from 1 runs and 1 Jobs" in hook.stdout, hook.stdout
+        assert f"from Job {NAMESPACE}/{name}-bridge-1" in hook.stdout, hook.stdout
+        assert f"from VisionR1Run {NAMESPACE}/{name}" in hook.stdout, hook.stdout
+        run = json.loads(cluster.kubectl("get", "vr1", name, "-n", NAMESPACE, "-o", "json").stdout)
+        job = job_or_none(cluster, f"{name}-bridge-1", NAMESPACE)
+        assert not run["metadata"].get("finalizers") and not job["metadata"].get("finalizers"), (run, job)
         deployment = json.loads(cluster.kubectl("get", "deployment", "-n", CHART_NAMESPACE, "-l",
                                                 f"app.kubernetes.io/instance={RELEASE}", "-o", "json").stdout)
         assert deployment["items"][0]["spec"]["replicas"] == 0  # the operator stopped first

@@ -30,6 +30,7 @@ _PLURALS = {
     ("batch/v1", "Job"): "jobs",
 }
 MERGE_PATCH = {"Content-Type": "application/merge-patch+json"}
+CREATE_BACKOFFS = (0.5, 1.0)
 LABEL_JOB_UID = "kueue.x-k8s.io/job-uid"  # Kueue puts it on the Workload it makes for a Job
 KUEUE_VERSIONS = ("v1beta2", "v1beta1")  # v0.15+ serves both; older releases only v1beta1
 
@@ -98,7 +99,11 @@ class Kube:
         url = collection_url(obj["apiVersion"], obj["kind"], meta["namespace"])
         self.on_request("create", obj["kind"])
         try:
-            created = await _api.post(url, payload=obj, settings=self.settings, logger=self.logger)
+            # kopf's client retries 403s and 5xx for minutes (API server upgrades); a quota or
+            # an admission webhook refusing a create answers the same, so two quick retries
+            # here, then the refusal is recorded and retried with the stage's backoff.
+            created = await _api.post(url, payload=obj, settings=self.settings, logger=self.logger,
+                                      backoffs=CREATE_BACKOFFS)
             return created, True
         except _errors.APIConflictError:
             pass
