@@ -85,8 +85,9 @@ gpu-smoke: install
 # GRPO step time and tokens/s against TRL's GRPOTrainer (results in BENCHMARKS.md).
 bench-grpo: install
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[bench]"
-	$(BIN)/python bench/grpo_vs_trl.py --steps 8
-	$(BIN)/python bench/grpo_vs_trl.py --steps 6 --hidden 256 --layers 4 --max-len 128 --out bench/results/grpo_vs_trl_h256.json
+	$(BIN)/python bench/grpo_vs_trl.py --pairs 10
+	$(BIN)/python bench/grpo_vs_trl.py --pairs 10 --hidden 256 --layers 4 --max-len 128 --out bench/results/grpo_vs_trl_h256.json
+	$(BIN)/python bench/grpo_vs_trl.py --case image --pairs 10
 
 # The CRD lives twice: crds/ for kubectl, the chart's crds/ for Helm (a test checks both).
 crd: install

@@ -1,17 +1,22 @@
-"""GRPO step time and throughput: visionr1's engine against TRL's GRPOTrainer, one run, CPU.
+"""GRPO throughput: visionr1's engine against TRL's GRPOTrainer, alternating step by step, CPU.
 
 Both sides train the same tiny Qwen2 (built from a config, saved locally) on the same
 prompts with the same settings: group size, completion budget, prompts per step, beta,
 epsilon, temperature, learning rate, sequence-mean loss, HFRRF reward, HF generate
-(no vLLM), one optimizer step per rollout batch. Measured: seconds per step and
-completion tokens per second (generation + training), after one warm-up step each.
+(no vLLM), one optimizer step per rollout batch. The two sides run in one process and
+alternate: TRL's step i, then ours (from a TRL callback, outside TRL's timed step), so
+both see the same machine load at nearly the same moment. Per pair: each side's
+completion tokens per second over its whole step; the ratio ours / TRL's. Reported: the
+median ratio and its spread (min, quartiles, max) over the pairs after one warm-up pair.
 Then both losses are computed on the same inputs (same rollout, old and reference
 log-probs) to show the objective is the same.
 
-    .venv/bin/python bench/grpo_vs_trl.py [--steps 8] [--out bench/results/grpo_vs_trl.json]
+    nice -n 10 .venv/bin/python bench/grpo_vs_trl.py [--pairs 12] [--case text|image]
 
-The model is text-only: TRL's vision path needs Qwen2.5-VL's combined processor, which
-needs torchvision, which the CPU wheel set here cannot import.
+``--case image``: image prompts (a 56x56 image each, so each prompt's shared prefix holds
+its image tokens and the vision tower runs) on the tiny Qwen2.5-VL of the tests, our side
+only where TRL's vision path cannot run (TRL needs torchvision for Qwen2.5-VL's combined
+processor, which this machine's CPU wheel set lacks): the result file says so.
 """
 
 from __future__ import annotations
@@ -87,45 +92,23 @@ def reward_for_trl(completions, answer, **_):
     return [hard_format_result_reward(t, a) for t, a in zip(texts, answer)]
 
 
-def run_trl(model_dir: Path, problems, args, out_dir: Path):
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
-
-    steps: list[float] = []
-    lengths: list[float] = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            self.t = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            steps.append(time.perf_counter() - self.t)
-
-        def on_log(self, _args, _state, _control, logs=None, **k):
-            if logs and "completions/mean_length" in logs:
-                lengths.append(logs["completions/mean_length"])
-
-    rows = [{"prompt": [{"role": "user", "content": p.problem}], "answer": p.answer} for p in problems]
-    config = GRPOConfig(
-        output_dir=str(out_dir), max_steps=args.steps + 1, learning_rate=args.lr,
-        per_device_train_batch_size=args.prompts * args.group, gradient_accumulation_steps=1,
-        num_generations=args.group, max_completion_length=args.max_len, temperature=1.0, top_p=1.0, top_k=0,
-        beta=args.beta, epsilon=0.2, epsilon_high=0.2, loss_type="grpo", num_iterations=1, scale_rewards="group",
-        use_bias_correction_kl=False,  # TRL 1.16 defaults to weighting the KL by the ratio; GRPO does not
-        use_vllm=False, use_cpu=True, bf16=False, fp16=False, logging_steps=1, report_to=[], save_strategy="no",
-        seed=0, dataloader_num_workers=0, disable_dropout=True, shuffle_dataset=True,
-    )
-    trainer = GRPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
-        processing_class=AutoTokenizer.from_pretrained(model_dir),
-        reward_funcs=[reward_for_trl], args=config, train_dataset=Dataset.from_list(rows), callbacks=[Timer()],
-    )
-    trainer.train()
-    return trainer, steps[1:], lengths[1:]
+def stage_parts(model_dir: Path, policy, args):
+    """The stage config (the bench's settings), a one-process environment and the policy's engine."""
+    cfg = GRPOStageConfig.model_validate({
+        "run": "bench", "stage": "ptst-1", "outputUri": "file:///tmp/bench", "storage": {"uri": "file:///tmp"},
+        "model": {"name": str(model_dir)}, "ptstIndex": 1, "ptstTotal": 1, "data": {"source": "/tmp/none"},
+        "ptst": {"maxCompletionLength": args.max_len, "numGenerations": args.group, "steps": args.pairs + 1},
+        "grpo": {"learningRate": args.lr, "rolloutBatchSize": args.prompts, "microBatchSize": args.prompts * args.group,
+                 "beta": args.beta, "rolloutBackend": "hf", "maxPromptLength": 128, "temperature": 1.0,
+                 "warmupSteps": 0},
+    })
+    env = DistEnv(0, 1, 0, "cpu", None)
+    engine = TorchEngine(policy, env, EngineSpec(0, "fp32", args.prompts * args.group, 1.0, args.lr))
+    return cfg, env, engine
 
 
-def run_ours(model_dir: Path, problems, args):
+def our_state(model_dir: Path, problems, args):
+    """Our GRPO stage's state on ``model_dir`` (torch engine, one process), as the stage builds it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -133,24 +116,70 @@ def run_ours(model_dir: Path, problems, args):
     policy = LogprobModel(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32))
     reference = LogprobModel(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)).eval()
     reference.requires_grad_(False)
-    cfg = GRPOStageConfig.model_validate({
-        "run": "bench", "stage": "ptst-1", "outputUri": "file:///tmp/bench", "storage": {"uri": "file:///tmp"},
-        "model": {"name": str(model_dir)}, "ptstIndex": 1, "ptstTotal": 1, "data": {"source": "/tmp/none"},
-        "ptst": {"maxCompletionLength": args.max_len, "numGenerations": args.group, "steps": args.steps + 1},
-        "grpo": {"learningRate": args.lr, "rolloutBatchSize": args.prompts, "microBatchSize": args.prompts * args.group,
-                 "beta": args.beta, "rolloutBackend": "hf", "maxPromptLength": 128, "temperature": 1.0},
-    })
-    env = DistEnv(0, 1, 0, "cpu", None)
-    engine = TorchEngine(policy, env, EngineSpec(0, "fp32", args.prompts * args.group, 1.0, args.lr))
-    state = GRPOState(cfg, env, engine, FrozenModel(reference) if args.beta else None, tok, None,
-                      HFRollout(engine, tok), problems, tok.convert_tokens_to_ids(IMAGE_TOKEN))
+    cfg, env, engine = stage_parts(model_dir, policy, args)
+    return GRPOState(cfg, env, engine, FrozenModel(reference) if args.beta else None, tok, None,
+                     HFRollout(engine, tok), problems, tok.convert_tokens_to_ids(IMAGE_TOKEN))
+
+
+def run_alternating(model_dir: Path, problems, args, out_dir: Path):
+    """TRL's steps with ours in between; ``(trainer, state, pairs)``, each pair's seconds and tokens."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    state = our_state(model_dir, problems, args)
+    pairs: list[dict] = []
+    trl_lengths: list[float] = []
+    ours_rng = torch.Generator().manual_seed(0)  # our sampling stream, kept apart from TRL's
+
+    class Alternate(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, _args, trl_state, *a, **k):
+            trl_seconds = time.perf_counter() - self.t
+            step = len(pairs)
+            theirs = torch.random.get_rng_state()
+            torch.random.set_rng_state(ours_rng.get_state())
+            stats = grpo_step(state, step)  # our step i, right after TRL's step i
+            ours_rng.set_state(torch.random.get_rng_state())
+            torch.random.set_rng_state(theirs)
+            pairs.append({"trl_seconds": trl_seconds, "ours_seconds": stats["step_seconds"],
+                          "ours_length": stats["completion_length_mean"]})
+
+        def on_log(self, _args, _state, _control, logs=None, **k):
+            if logs and "completions/mean_length" in logs:
+                trl_lengths.append(logs["completions/mean_length"])
+
+    rows = [{"prompt": [{"role": "user", "content": p.problem}], "answer": p.answer} for p in problems]
+    config = GRPOConfig(
+        output_dir=str(out_dir), max_steps=args.pairs + 1, learning_rate=args.lr,
+        per_device_train_batch_size=args.prompts * args.group, gradient_accumulation_steps=1,
+        num_generations=args.group, max_completion_length=args.max_len, temperature=1.0, top_p=1.0, top_k=0,
+        beta=args.beta, epsilon=0.2, epsilon_high=0.2, loss_type="grpo", num_iterations=1, scale_rewards="group",
+        use_bias_correction_kl=False,  # TRL 1.16 defaults to weighting the KL by the ratio; GRPO does not
+        use_vllm=False, use_cpu=True, bf16=False, fp16=False, logging_steps=1, report_to=[], save_strategy="no",
+        seed=0, dataloader_num_workers=0, disable_dropout=True, shuffle_dataset=True, lr_scheduler_type="constant",
+    )
+    trainer = GRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+        processing_class=AutoTokenizer.from_pretrained(model_dir),
+        reward_funcs=[reward_for_trl], args=config, train_dataset=Dataset.from_list(rows), callbacks=[Alternate()],
+    )
+    trainer.train()
+    for pair, length in zip(pairs, trl_lengths):
+        pair["trl_length"] = length
+    return trainer, state, pairs
+
+
+def run_ours_only(state, pairs_wanted: int) -> list[dict]:
+    """Our steps alone (the image case, where TRL's side cannot run here)."""
+    out = []
     torch.manual_seed(0)
-    steps, lengths = [], []
-    for step in range(args.steps + 1):
+    for step in range(pairs_wanted + 1):
         stats = grpo_step(state, step)
-        steps.append(stats["step_seconds"])
-        lengths.append(stats["completion_length_mean"])
-    return state, steps[1:], lengths[1:]
+        out.append({"ours_seconds": stats["step_seconds"], "ours_length": stats["completion_length_mean"]})
+    return out
 
 
 def equal_loss_check(state: GRPOState, trainer, problems, args) -> dict:
@@ -194,9 +223,67 @@ def equal_loss_check(state: GRPOState, trainer, problems, args) -> dict:
     }
 
 
+@dataclass
+class ImageProblem:
+    problem: str
+    answer: str
+    color: tuple
+
+    def load_images(self) -> list:
+        from PIL import Image
+
+        return [Image.new("RGB", (56, 56), self.color)]
+
+
+def image_state(directory: Path, args):
+    """Our stage's state on the tests' tiny Qwen2.5-VL with one image per prompt."""
+    from visionr1_trainer.models.loading import load_model, load_processor_parts
+    from visionr1_trainer.models.tiny import build_tiny_vlm
+
+    colors = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
+    build_tiny_vlm(directory, corpus=[f"Final Answer: {c}" for c in colors])
+    tok, processor = load_processor_parts(str(directory))
+    problems = [ImageProblem("<image>What color is the image? Answer with a color.", name, rgb)
+                for name, rgb in colors.items() for _ in range(8)]
+    policy = LogprobModel(load_model(str(directory), "float32"))
+    reference = LogprobModel(load_model(str(directory), "float32")).eval()
+    reference.requires_grad_(False)
+    cfg, env, engine = stage_parts(directory, policy, args)
+    return GRPOState(cfg, env, engine, FrozenModel(reference) if args.beta else None, tok, processor,
+                     HFRollout(engine, tok), problems, tok.convert_tokens_to_ids(IMAGE_TOKEN))
+
+
+def spread(values: list[float]) -> dict:
+    """Median and spread of ``values`` (min, quartiles, max), rounded."""
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3),
+            "q1": round(q[0], 3), "q3": round(q[2], 3), "max": round(max(values), 3), "n": len(values)}
+
+
+def pair_summary(pairs: list[dict], completions: int) -> dict:
+    """Per-pair tokens/s on both sides and their ratio, after the warm-up pair."""
+    measured = pairs[1:]
+    out = {"pairs": []}
+    for p in measured:
+        row = {"ours_seconds": round(p["ours_seconds"], 4),
+               "ours_tokens_per_s": round(p["ours_length"] * completions / p["ours_seconds"], 1)}
+        if "trl_seconds" in p:
+            row |= {"trl_seconds": round(p["trl_seconds"], 4),
+                    "trl_tokens_per_s": round(p["trl_length"] * completions / p["trl_seconds"], 1)}
+            row["ratio_tokens_per_s"] = round(row["ours_tokens_per_s"] / row["trl_tokens_per_s"], 3)
+            row["ratio_step_time"] = round(p["trl_seconds"] / p["ours_seconds"], 3)
+        out["pairs"].append(row)
+    for key in ("ours_tokens_per_s", "trl_tokens_per_s", "ratio_tokens_per_s", "ratio_step_time"):
+        values = [r[key] for r in out["pairs"] if key in r]
+        if values:
+            out[key] = spread(values)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--case", choices=("text", "image"), default="text")
+    parser.add_argument("--pairs", type=int, default=12, help="measured pairs (after one warm-up pair)")
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--max-len", type=int, default=64)
@@ -204,37 +291,38 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--out", default="bench/results/grpo_vs_trl.json")
+    parser.add_argument("--out", default=None, help="default: bench/results/grpo_vs_trl[_<case>].json")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    problems = make_problems(64)
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = build_model(Path(tmp) / "model", args.hidden, args.layers)
-        trainer, trl_steps, trl_lens = run_trl(model_dir, problems, args, Path(tmp) / "trl")
-        state, our_steps, our_lens = run_ours(model_dir, problems, args)
-        loss = equal_loss_check(state, trainer, problems, args)
     completions = args.prompts * args.group
-
-    def summary(steps, lens):
-        step = statistics.median(steps)
-        tokens = statistics.mean(lens) * completions
-        return {"step_seconds_median": round(step, 4), "step_seconds": [round(s, 4) for s in steps],
-                "completion_length_mean": round(statistics.mean(lens), 2),
-                "tokens_per_second": round(tokens / step, 1)}
-
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.case == "text":
+            problems = make_problems(64)
+            model_dir = build_model(Path(tmp) / "model", args.hidden, args.layers)
+            trainer, state, pairs = run_alternating(model_dir, problems, args, Path(tmp) / "trl")
+            loss = equal_loss_check(state, trainer, problems, args)
+            trl_note = None
+        else:
+            state = image_state(Path(tmp) / "vlm", args)
+            pairs, loss = run_ours_only(state, args.pairs), None
+            trl_note = ("TRL's side not run: its Qwen2.5-VL path needs torchvision (the combined processor), "
+                        "which this machine's CPU wheel set cannot import")
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {platform.python_version()}",
+        "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+        "niceness": os.nice(0),
         "settings": vars(args) | {"completions_per_step": completions},
-        "trl": summary(trl_steps, trl_lens),
-        "visionr1": summary(our_steps, our_lens),
+        **pair_summary(pairs, completions),
         "loss_on_equal_inputs": loss,
     }
-    result["speedup_tokens_per_second"] = round(result["visionr1"]["tokens_per_second"] / result["trl"]["tokens_per_second"], 2)
-    result["speedup_step_time"] = round(result["trl"]["step_seconds_median"] / result["visionr1"]["step_seconds_median"], 2)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("trl", "visionr1", "loss_on_equal_inputs", "speedup_tokens_per_second", "speedup_step_time")}, indent=2))
+    if trl_note:
+        result["trl"] = trl_note
+    out = Path(args.out or f"bench/results/grpo_vs_trl{'' if args.case == 'text' else '_' + args.case}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k not in ("pairs", "settings")}, indent=2))
 
 
 if __name__ == "__main__":
