@@ -272,9 +272,12 @@ def load_models(config: GRPOStageConfig, env: DistEnv, work: Path, weights_dir: 
     reference = None
     if config.grpo.beta > 0:
         reference = make_reference(loader(anchor), lambda: load_model_config(source), env, spec)
-    # The cold-start model, for kl_cold_start: the reference itself when it is one.
-    cold_start = reference if reference is not None and anchor == cold else (
-        make_reference(loader(cold), lambda: load_model_config(source), env, spec))
+    # The cold-start model, for kl_cold_start: the reference itself when it is one. Loaded
+    # with the RNG state put back after, so the stage samples what it did without it.
+    cold_start = reference if reference is not None and anchor == cold else None
+    if cold_start is None:
+        with torch.random.fork_rng(devices=[] if env.device == "cpu" else [env.device]):
+            cold_start = make_reference(loader(cold), lambda: load_model_config(source), env, spec)
     return source, engine, reference, tokenizer, image_processor, cold_start
 
 
