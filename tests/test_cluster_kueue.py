@@ -288,6 +288,8 @@ def test_suspending_a_queued_run_goes_through_kueue_without_flapping(queued):
             wait_until(lambda: not pods_of(cluster, "pause-sft-1"), 60, "the pods gone")
             time.sleep(15)  # long enough for several rounds of a fight
             flips_suspended = suspend_flips(jobs.snapshot(), "pause-sft-1")
+            # created suspended, admitted, suspended by Kueue for the user: and no more flips.
+            assert flips_suspended == [True, False, True], flips_suspended
             workload = workload_of(cluster, uid)
             assert workload["spec"]["active"] is False
             assert job(cluster, "pause-sft-1")["spec"]["suspend"] is True
@@ -300,8 +302,7 @@ def test_suspending_a_queued_run_goes_through_kueue_without_flapping(queued):
             events = jobs.snapshot()
     finally:
         release(cluster, "hold-pause-sft", f"{LABEL_RUN}=pause")
-    # created suspended, admitted, suspended by Kueue for the user, admitted again: nothing more.
-    assert flips_suspended == [True, False, True], flips_suspended
+    # ... then admitted again after the resume: nothing more.
     assert suspend_flips(events, "pause-sft-1") == [True, False, True, False]
     assert workload_of(cluster, uid)["spec"]["active"] is True
     record = stage_record(cluster, "pause", "sft")
