@@ -21,7 +21,8 @@ seeds of bridge, SFT and GRPO (= N). Everything else is the file as committed.
 
 Rows: zero, ci, long, ptst, fixed-short, ptst-3 (``--seeds N`` runs seeds 0..N-1). A
 run of a subset merges into ``--out`` (other rows and seeds are kept), so a sweep cut
-short keeps what finished. ``--figure`` redraws docs/images/ablation.png from the file.
+short keeps what finished; a row and seed already there is not run again unless
+``--force``. ``--figure`` redraws docs/images/ablation.png from the file.
 """
 
 from __future__ import annotations
@@ -176,7 +177,7 @@ def commit() -> str | None:
         return None
 
 
-def sweep(rows: list[str], seeds: int, out: Path, work: Path, log=print) -> dict:
+def sweep(rows: list[str], seeds: int, out: Path, work: Path, log=print, force: bool = False) -> dict:
     from visionr1_trainer.demo import prepare
 
     data = load_results(out)
@@ -195,6 +196,9 @@ def sweep(rows: list[str], seeds: int, out: Path, work: Path, log=print) -> dict
                 log(failures[-1])
                 continue
             entry = data["rows"].setdefault(row, {"seeds": {}})
+            if not force and "accuracy" in entry["seeds"].get(str(seed), {}):
+                log(f"{row}-s{seed}: in {out.name} already (--force runs it again)")
+                continue
             try:
                 entry["seeds"][str(seed)] = run_row(row, seed, work, log)
             except Exception as exc:  # one failed row must not lose the others' results
@@ -287,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/visionr1-ablation"),
                         help="where the runs' artifacts go (default /tmp/visionr1-ablation)")
     parser.add_argument("--figure", action="store_true", help="only redraw the figure and print the table from --out")
+    parser.add_argument("--force", action="store_true", help="run rows and seeds that --out holds already")
     args = parser.parse_args(argv)
     try:
         rows = parse_rows(args.rows)
@@ -297,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             for row in rows:
                 load_manifest(row)
-            data = sweep(rows, args.seeds, args.out.resolve(), args.work.resolve())
+            data = sweep(rows, args.seeds, args.out.resolve(), args.work.resolve(), force=args.force)
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -56,9 +56,9 @@ def test_rows_have_the_papers_shapes():
     assert lengths["zero"] == lengths["long"]
     for row in ablation.FROM_CI:
         assert ablation.load_manifest(row)["spec"]["model"]["name"] == ablation.CI_MODEL
-        assert stages(row)["sft"] == {"enabled": False} and stages(row)["bridge"] == {"enabled": False}
+        assert stages(row)["sft"]["enabled"] is False and stages(row)["bridge"]["enabled"] is False
     assert ablation.load_manifest("zero")["spec"]["model"]["name"].endswith("/inputs/base-model")
-    assert stages("ci")["grpo"] == {"enabled": False}
+    assert stages("ci")["grpo"]["enabled"] is False
 
 
 def test_seeded_manifest_changes_only_names_paths_and_seeds(tmp_path):
@@ -109,3 +109,28 @@ def test_summary_table_and_figure(tmp_path, monkeypatch):
     assert "| ci | 3566 | 44.5 | 0 | not run |" in table
     path = ablation.figure(data, tmp_path / "fig.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sweep_keeps_what_finished_and_skips_it_next_time(tmp_path, monkeypatch):
+    import visionr1_trainer.demo as demo
+
+    calls = []
+
+    def fake_run(row, seed, work, log):
+        calls.append((row, seed))
+        if row == "long":
+            raise ablation.BenchError(f"{row}-s{seed}: visionr1 run exited 1")
+        return {"accuracy": 0.5, "reasoning_tokens": 10.0, "completion_tokens": 20.0, "clipped_ratio": 0.0}
+
+    monkeypatch.setattr(ablation, "run_row", fake_run)
+    monkeypatch.setattr(demo, "prepare", lambda *a, **k: None)
+    (tmp_path / "runs" / "default" / "ci-s0" / "sft").mkdir(parents=True)
+    out = tmp_path / "out.json"
+    data = ablation.sweep(["ptst", "long", "ci"], 1, out, tmp_path, log=lambda *_: None)
+    assert calls == [("ci", 0), ("ptst", 0), ("long", 0)]  # ci first, whatever the order asked
+    assert data["rows"]["long"]["seeds"]["0"] == {"error": "long-s0: visionr1 run exited 1"}
+    assert data["runs"][-1]["failures"] == ["long-s0: visionr1 run exited 1"]
+    assert json.loads(out.read_text())["rows"]["ptst"]["summary"]["seeds_done"] == 1
+    calls.clear()
+    ablation.sweep(["ci", "ptst", "long"], 1, out, tmp_path, log=lambda *_: None)
+    assert calls == [("long", 0)]  # only the one that failed runs again
