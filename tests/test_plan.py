@@ -38,8 +38,8 @@ def test_tiny_plan_order_inputs_and_outputs():
     assert ptst1.init_uri == f"{root}/sft"
     assert ptst2.init_uri == f"{root}/ptst-1"
     assert (ptst1.ptst_index, ptst2.ptst_index, ptst2.ptst_total) == (1, 2, 2)
-    assert (ptst1.ptst.max_completion_length, ptst1.ptst.num_generations) == (64, 8)
-    assert (ptst2.ptst.max_completion_length, ptst2.ptst.num_generations) == (128, 4)
+    assert (ptst1.ptst.max_completion_length, ptst1.ptst.num_generations) == (80, 16)
+    assert (ptst2.ptst.max_completion_length, ptst2.ptst.num_generations) == (160, 8)
     # includeBaselines: base, SFT and every PTST stage are scored side by side.
     assert ev.models == {
         "base": "base", "sft": f"{root}/sft", "ptst-1": f"{root}/ptst-1", "ptst-2": f"{root}/ptst-2",
