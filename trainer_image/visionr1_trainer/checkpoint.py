@@ -229,6 +229,8 @@ class CheckpointManager:
                      state_dict: dict | None = None) -> str:
         """Commit the final model (Hugging Face format) as the artifact ``model``."""
 
+        state_dict, _ = plain_weights(model, state_dict)  # LoRA: merged, no adapter keys
+
         def write(directory: Path) -> None:
             model.save_pretrained(directory, state_dict=state_dict)
             for part in (tokenizer, image_processor):
@@ -247,7 +249,12 @@ def save_training_state(directory: Path, model, optimizer, scheduler, step: int,
     """
     import torch
 
+    state_dict, trainable = plain_weights(model, state_dict)
     model.save_pretrained(directory / "model", state_dict=state_dict)
+    if trainable is not None:  # LoRA: the adapters unmerged too, to resume from (models/lora.py)
+        from .models.lora import ADAPTER_FILE, save_trainable
+
+        save_trainable(directory / ADAPTER_FILE, trainable)
     torch.save(
         {
             "step": step,
@@ -258,6 +265,22 @@ def save_training_state(directory: Path, model, optimizer, scheduler, step: int,
         },
         directory / STATE_FILE,
     )
+
+
+def plain_weights(model, state_dict: dict | None) -> tuple[dict | None, dict | None]:
+    """``(weights to save, trainable tensors or None)``. A model with LoRA adapters
+    (models/lora.py) saves the plain model's weights, each adapter merged into its layer,
+    and keeps its trainable tensors unmerged for a resume; any other model is saved as is."""
+    module = getattr(model, "module", model)
+    if not hasattr(module, "named_modules"):
+        return state_dict, None
+    from .models.lora import lora_scaling, merged_state_dict, trainable_state
+
+    scaling = lora_scaling(module)
+    if not scaling:
+        return state_dict, None
+    full = state_dict if state_dict is not None else module.state_dict()
+    return merged_state_dict(full, scaling), trainable_state(module, full)
 
 
 def load_training_state(directory: Path, model, optimizer, scheduler=None) -> tuple[int, dict]:

@@ -436,6 +436,45 @@ def _collective_timeout_field():
     )
 
 
+class LoraSettings(Schema):
+    """LoRA (Hu et al., arXiv 2106.09685, through peft): low-rank adapters on the language
+    model's linear layers instead of full fine-tuning; merged into the committed model."""
+
+    enabled: bool = Field(
+        default=False,
+        description="Train LoRA adapters instead of every weight (the paper: off, full fine-tuning). "
+        "The committed model is the base with W + (alpha / rank) x B A merged in: a plain model.",
+    )
+    rank: int = Field(default=16, ge=1, le=1024, description="LoRA rank r of each adapter.")
+    alpha: float = Field(default=32.0, gt=0, le=4096, description="LoRA alpha; the update is scaled by alpha / rank.")
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout on each adapter's input.")
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1, max_length=32,
+        description="Names of the language model's linear layers that get adapters (the vision "
+        "tower never does); every other language-model weight stays frozen.",
+    )
+
+
+def _lora_field():
+    return Field(default_factory=LoraSettings, description="LoRA adapters instead of full fine-tuning (peft).")
+
+
+LORA_ZERO_RULE = CelRule(
+    "!has(self.lora) || !has(self.lora.enabled) || !self.lora.enabled || "
+    "(has(self.deepspeedZeroStage) && self.deepspeedZeroStage != 3)",
+    "lora.enabled is not supported under deepspeedZeroStage 3 (the default); set it to 0, 1 or 2",
+    ".lora.enabled",
+)
+
+
+def _lora_zero_problems(lora: LoraSettings, zero_stage: int) -> list[tuple[str, str]]:
+    if lora.enabled and zero_stage == 3:
+        return [("lora.enabled", "LoRA is not supported under deepspeedZeroStage 3 (adapters on partitioned "
+                                 "weights); set deepspeedZeroStage to 0, 1 or 2")]
+    return []
+
+
 class SFTSettings(Schema):
     """Cold-start supervised fine-tuning (defaults from the paper's run: Vision-R1's
     LLaMA-Factory config for Qwen2.5-VL-7B, and LLaMA-Factory's own defaults where that
@@ -501,6 +540,7 @@ class SFTSettings(Schema):
         default=500, ge=1, description="Commit a resumable checkpoint every N optimizer steps."
     )
     seed: int = Field(default=42, ge=0, description="Seed for data order and init.")
+    lora: LoraSettings = _lora_field()
 
     cel_rules = (
         CelRule(
@@ -508,6 +548,7 @@ class SFTSettings(Schema):
             "imageMinPixels must not be above imageMaxPixels",
             ".imageMinPixels",
         ),
+        LORA_ZERO_RULE,
     )
 
     @model_validator(mode="after")
@@ -515,6 +556,7 @@ class SFTSettings(Schema):
         if self.image_min_pixels > self.image_max_pixels:
             raise_problems([("imageMinPixels", f"{self.image_min_pixels} is above imageMaxPixels "
                                                f"({self.image_max_pixels})")])
+        raise_problems(_lora_zero_problems(self.lora, self.deepspeed_zero_stage))
         return self
 
 
@@ -702,6 +744,7 @@ class GRPOSettings(Schema):
         default=20, ge=1, description="Commit a resumable checkpoint every N steps."
     )
     seed: int = Field(default=42, ge=0, description="Seed for rollouts and data order.")
+    lora: LoraSettings = _lora_field()
 
     cel_rules = (
         CelRule(
@@ -715,6 +758,7 @@ class GRPOSettings(Schema):
             "overlong: softPenalty needs overlongBuffer of at least 1 token",
             ".overlongBuffer",
         ),
+        LORA_ZERO_RULE,
     )
 
     def rank_split_problems(self, world_size: int) -> list[tuple[str, str]]:
@@ -738,6 +782,7 @@ class GRPOSettings(Schema):
             )])
         if self.overlong == "softPenalty" and self.overlong_buffer < 1:
             raise_problems([("overlongBuffer", "overlong: softPenalty needs overlongBuffer of at least 1 token")])
+        raise_problems(_lora_zero_problems(self.lora, self.deepspeed_zero_stage))
         return self
 
     def length_problems(self, max_completion_length: int) -> list[tuple[str, str]]:

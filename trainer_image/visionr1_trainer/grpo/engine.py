@@ -79,6 +79,21 @@ class _Positions:
     def dtype(self) -> torch.dtype:
         return self._module.dtype
 
+    def parameter_counts(self) -> dict[str, int]:
+        """``trainableParameters`` and ``loraParameters`` (0 without LoRA), for the start event.
+        Under ZeRO-3 a rank holds a partition: counts are read from ``ds_numel`` there."""
+        trainable = lora = 0
+        for name, param in self._module.named_parameters():
+            numel = getattr(param, "ds_numel", param.numel())
+            trainable += numel if param.requires_grad else 0
+            lora += numel if ".lora_A." in name or ".lora_B." in name else 0
+        return {"trainableParameters": trainable, "loraParameters": lora}
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The model itself (LoRA's saving helpers read its adapter layers and trainable names)."""
+        return self._module
+
     def save_pretrained(self, directory, state_dict: dict | None = None, **kwargs) -> None:
         """Hugging Face format; ``state_dict`` is ``full_state_dict()`` (required when partitioned)."""
         self._module.save_pretrained(directory, state_dict=state_dict, **kwargs)
@@ -182,7 +197,7 @@ class TorchEngine(_Positions):
     def describe(self) -> dict[str, Any]:
         return {"engine": "torch", "zeroStage": 0, "precision": self.spec.precision,
                 "worldSize": self.env.world_size, "masterWeights": self._masters is not None,
-                "activationCheckpointing": self.spec.activation_checkpointing}
+                "activationCheckpointing": self.spec.activation_checkpointing, **self.parameter_counts()}
 
 
 class DeepSpeedEngine(_Positions):
@@ -305,7 +320,8 @@ class DeepSpeedEngine(_Positions):
 
     def describe(self) -> dict[str, Any]:
         return {"engine": "deepspeed", "zeroStage": self.spec.zero_stage, "precision": self.spec.precision,
-                "worldSize": self.env.world_size, "activationCheckpointing": self.spec.activation_checkpointing}
+                "worldSize": self.env.world_size, "activationCheckpointing": self.spec.activation_checkpointing,
+                **self.parameter_counts()}
 
 
 class FrozenModel(_Positions):

@@ -29,6 +29,7 @@ from ..config import GRPOStageConfig, activation_checkpointing_on
 from ..distributed import DistEnv, all_reduce_max, all_reduce_mean, barrier, run_on_ranks
 from ..metrics import METRICS_LOG, StageMetrics
 from ..models.loading import load_model, load_model_config, load_processor_parts, torch_dtype
+from ..models.lora import adapt_for_stage
 from ..models.vlm import IMAGE_TOKEN
 from ..runtime import StageStopped, UnusableSetting, stop_requested
 from .algos import curriculum_slice, group_advantages, kl_k3, masked_mean, policy_loss
@@ -264,8 +265,15 @@ def load_models(config: GRPOStageConfig, env: DistEnv, work: Path, weights_dir: 
         # wrapped before the engine sees the model, so DeepSpeed hooks the head it calls.
         return lambda: LogprobModel(load_model(directory, model.dtype, model.attn_implementation, env.device))
 
-    engine = make_engine(loader(str(weights_dir) if weights_dir else source), lambda: load_model_config(source),
-                         env, spec)
+    def policy():
+        if not config.grpo.lora.enabled:
+            return loader(str(weights_dir) if weights_dir else source)()
+        # LoRA: the frozen base is the stage's starting model; a checkpoint holds the adapters
+        base = load_model(source, model.dtype, model.attn_implementation, env.device)
+        adapt_for_stage(base, config.grpo.lora, weights_dir.parent if weights_dir else None, "grpo.lora")
+        return LogprobModel(base)
+
+    engine = make_engine(policy, lambda: load_model_config(source), env, spec)
     engine.train()
     cold = cold_start_source(config, work, source)
     anchor = cold if config.grpo.reference == "coldStart" else source

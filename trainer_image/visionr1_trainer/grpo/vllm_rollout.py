@@ -50,6 +50,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
+from ..models.lora import lora_scaling, merged_parameters
 from ..models.vlm import EncodedPrompts
 from .rollout import Rollout, SamplingSettings, finish_rollout, vision_token_ids
 
@@ -457,6 +458,9 @@ class VLLMRollout:
         if self.source is None:
             return  # the starting weights, restored from the one level-1 offload
         parameters = self.source.iter_full_parameters()
+        scaling = lora_scaling(self.source.module) if hasattr(self.source, "module") else {}
+        if scaling:  # LoRA: vLLM holds the plain model; each adapter is merged into its layer
+            parameters = merged_parameters(parameters, scaling)
         missing = self.llm.collective_rpc(lambda worker: push_weights(worker, parameters, self.dtype))[0]
         self.llm.reset_prefix_cache()  # cached prefixes were computed by the old weights
         if missing:

@@ -37,6 +37,7 @@ from ..distributed import DistEnv, all_reduce_mean, barrier, run_on_ranks
 from ..metrics import METRICS_LOG, StageMetrics
 from ..models.loading import load_model_config, load_processor_parts
 from ..models.loading import load_model as load_weights
+from ..models.lora import adapt_for_stage
 from ..models.vlm import IMAGE_TOKEN
 from ..runtime import StageStopped, stop_requested
 from .batches import Batch, collate, epoch_micro_batches, load_group
@@ -175,11 +176,18 @@ def load_model(config: SFTStageConfig, env: DistEnv, work: Path, weights_dir: Pa
     source = resolve_model_dir(config.model.name, config.storage, work)
     tokenizer, image_processor = load_processor_parts(config.model.processor or source)
 
+    lora = config.sft.lora
+
     def load():
-        model = load_weights(str(weights_dir) if weights_dir else source, LOAD_DTYPE[config.sft.precision],
-                             config.model.attn_implementation, env.device)
+        # LoRA: the frozen base is always the starting model; a checkpoint holds the adapters
+        # (and any vision part left trainable) unmerged, loaded by adapt_for_stage.
+        directory = str(weights_dir) if weights_dir and not lora.enabled else source
+        model = load_weights(directory, LOAD_DTYPE[config.sft.precision], config.model.attn_implementation, env.device)
         # Before the optimizer is built: it never sees the frozen parameters.
         freeze_vision(model, config.sft.freeze_vision_tower, config.sft.freeze_multi_modal_projector)
+        # The vision tower and projector keep their freeze settings; the language model trains adapters only.
+        adapt_for_stage(model, lora, weights_dir.parent if weights_dir and lora.enabled else None, "sft.lora",
+                        keep_trainable=lambda name: "visual" in name.split("."))
         return LogprobModel(model)  # the loss reads log-probs from a chunked head
 
     engine = make_engine(load, lambda: load_model_config(source), env, engine_spec(config, env))
