@@ -194,6 +194,16 @@ CASES = [
     Case("duplicate-benchmark", "cel", "spec.data.benchmarks[1].name", "already used by benchmarks[0]",
          {"spec.data.benchmarks": [BENCH, BENCH]}),
     Case("all-stages-disabled", "cel", "spec.stages", "at least one stage must be enabled", ALL_OFF),
+    # --- validation during GRPO training (issue 16, item 7)
+    Case("validation-without-split", "cel", f"{GRPO}.validation.everySteps", "exactly one of benchmark and data",
+         {f"{GRPO}.validation": {"everySteps": 2}}),
+    Case("validation-two-splits", "cel", f"{GRPO}.validation.everySteps", "exactly one of benchmark and data",
+         {f"{GRPO}.validation": {"everySteps": 2, "benchmark": "synthetic", "data": {"source": "x.jsonl"}}}),
+    Case("validation-unknown-benchmark", "cel", f"{GRPO}.validation.benchmark",
+         "'mathvista' is not in data.benchmarks", {f"{GRPO}.validation": {"everySteps": 2, "benchmark": "mathvista"}}),
+    Case("validation-predictions-only", "cel", f"{GRPO}.validation.benchmark", "predictionsOnly",
+         {f"{GRPO}.validation": {"everySteps": 2, "benchmark": "synthetic"},
+          "spec.data.benchmarks": [{**BENCH, "predictionsOnly": True}]}),
 ]
 
 

@@ -378,6 +378,13 @@ class VisionR1RunSpec(Schema):
             ".stages.eval.benchmarks",
         ),
         CelRule(
+            "!has(self.stages.grpo.validation) || !has(self.stages.grpo.validation.benchmark) || "
+            "self.data.benchmarks.exists(b, b.name == self.stages.grpo.validation.benchmark && "
+            "!(has(b.predictionsOnly) && b.predictionsOnly))",
+            "stages.grpo.validation.benchmark must name a scored benchmark of data.benchmarks",
+            ".stages.grpo.validation.benchmark",
+        ),
+        CelRule(
             "self.stages.bridge.enabled || self.stages.sft.enabled || "
             "self.stages.grpo.enabled || self.stages.eval.enabled",
             "stages: at least one stage must be enabled",
@@ -429,6 +436,15 @@ class VisionR1RunSpec(Schema):
                     f"stages.eval.benchmarks[{i}]",
                     f"{name!r} is not in data.benchmarks (known: {sorted(known) or 'none'})",
                 ))
+        named = s.grpo.validation.benchmark
+        if named is not None:
+            bench = next((x for x in d.benchmarks if x.name == named), None)
+            if bench is None:
+                problems.append(("stages.grpo.validation.benchmark",
+                                 f"{named!r} is not in data.benchmarks (known: {sorted(known) or 'none'})"))
+            elif bench.predictions_only:
+                problems.append(("stages.grpo.validation.benchmark",
+                                 f"{named!r} is predictionsOnly (its answers are withheld): nothing to score"))
         if not any(st.enabled for st in (s.bridge, s.sft, s.grpo, s.eval)):
             problems.append(("stages", "at least one stage must be enabled"))
         if self.storage.scheme != "s3":

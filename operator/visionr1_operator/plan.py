@@ -117,7 +117,7 @@ def build_plan(run: VisionR1Run, default_image: str = DEFAULT_TRAINER_IMAGE) -> 
             plans.append(make(name, "grpo", stages.grpo, GRPOStageConfig(
                 **context, stage=name, output_uri=uri(name), ptst_index=i,
                 ptst_total=len(stages.ptst), init_uri=init, cold_start_uri=trained.get("sft"), data=spec.data.rl,
-                ptst=ptst, grpo=grpo,
+                ptst=ptst, grpo=grpo, validation_benchmark=_validation_benchmark(run),
             )))
             trained[name] = uri(name)
     if stages.eval.enabled:
@@ -137,6 +137,12 @@ def _models_to_score(trained: dict[str, str], include_baselines: bool) -> dict[s
         return {"base": "base"}
     last = list(trained)[-1]
     return {last: trained[last]}
+
+
+def _validation_benchmark(run: VisionR1Run):
+    """The benchmark ``stages.grpo.validation.benchmark`` names, if any (checked by the spec)."""
+    named = run.spec.stages.grpo.validation.benchmark
+    return next((b for b in run.spec.data.benchmarks if b.name == named), None) if named else None
 
 
 def _selected_benchmarks(run: VisionR1Run):

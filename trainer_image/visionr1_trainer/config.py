@@ -618,6 +618,52 @@ def default_ptst() -> list[PTSTStage]:
     ]
 
 
+class GRPOValidation(Schema):
+    """Scoring a held-out split during GRPO training, with the eval stage's extraction and
+    scoring rules (docs/grpo.md); off by default, as in the paper."""
+
+    cel_rules = (
+        CelRule(
+            "!has(self.everySteps) || self.everySteps == 0 || has(self.benchmark) != has(self.data)",
+            "validation with everySteps above 0 needs exactly one of benchmark and data",
+            ".everySteps",
+        ),
+    )
+
+    every_steps: int = Field(
+        default=0, ge=0, le=1_000_000,
+        description="Score the held-out split after every N optimizer steps of each PTST stage "
+        "(steps N, 2N, ...); 0: off (the paper).",
+    )
+    benchmark: str | None = Field(
+        default=None, max_length=40, pattern=DNS_LABEL,
+        description="The held-out split: the name of one of spec.data.benchmarks (scored by its "
+        "format's rules, as the eval stage scores it).",
+    )
+    data: DatasetRef | None = Field(
+        default=None,
+        description="The held-out split: rows in the RL set's format (problem, answer, images), "
+        "e.g. geometry3k's test split, scored as free-form or inline-choice answers.",
+    )
+    limit: int | None = Field(
+        default=None, ge=1, le=100_000,
+        description="Score only the split's first N rows each time (default: every row).",
+    )
+    max_tokens: int | None = Field(
+        default=None, ge=1, le=131072,
+        description="Completion budget in tokens (default: the PTST stage's maxCompletionLength).",
+    )
+    temperature: float = Field(
+        default=0.0, ge=0, le=2, description="Sampling temperature; 0: greedy decoding."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> GRPOValidation:
+        if self.every_steps > 0 and (self.benchmark is None) == (self.data is None):
+            raise_problems([("everySteps", "validation needs exactly one of benchmark and data")])
+        return self
+
+
 class GRPOSettings(Schema):
     """GRPO settings shared by every PTST stage (defaults from the paper)."""
 
@@ -710,6 +756,11 @@ class GRPOSettings(Schema):
         description="The KL anchor: stageStart, each PTST stage's starting model (the previous "
         "stage's output); coldStart, the cold-start SFT output for every PTST stage. The KL to "
         "the cold-start model is logged either way (kl_cold_start).",
+    )
+    validation: GRPOValidation = Field(
+        default_factory=GRPOValidation,
+        description="Validation during training: every N steps, accuracy on a held-out split "
+        "(metrics validation_*, status validationAccuracy); off by default.",
     )
     rollout_backend: Literal["vllm", "hf"] = Field(
         default="vllm", description="Rollout engine: vllm (GPU) or hf (transformers, CPU or GPU)."
@@ -925,10 +976,18 @@ class GRPOStageConfig(StageContext):
     data: DatasetRef = Field(description="The RL set (geometry3k format).")
     ptst: PTSTStage = Field(description="This stage's length budget and group size.")
     grpo: GRPOSettings = Field(description="Shared GRPO settings.")
+    validation_benchmark: BenchmarkSpec | None = Field(
+        default=None,
+        description="The benchmark grpo.validation.benchmark names (set by the plan from spec.data.benchmarks).",
+    )
 
     @model_validator(mode="after")
     def _fits_the_budget(self) -> GRPOStageConfig:
         raise_problems([(f"grpo.{f}", m) for f, m in self.grpo.length_problems(self.ptst.max_completion_length)])
+        named, given = self.grpo.validation.benchmark, self.validation_benchmark
+        if self.grpo.validation.every_steps > 0 and named is not None and (given is None or given.name != named):
+            raise_problems([("validationBenchmark", f"grpo.validation.benchmark names {named!r}, but the stage "
+                             f"was given {given.name if given else 'none'}")])
         return self
 
 

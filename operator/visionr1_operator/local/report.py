@@ -98,10 +98,13 @@ def plot_ptst(data: RunData, out: Path) -> Path | None:
         x = [offset + r["step"] for r in steps]
         ax_r.plot(x, [r.get("reward_mean") for r in steps], label=record.name)
         ax_l.plot(x, [r.get("completion_length_mean") for r in steps], label=record.name)
+        validated = [(offset + r["step"], r["validation_accuracy"]) for r in steps if "validation_accuracy" in r]
+        if validated:  # grpo.validation: accuracy on the held-out split, on the reward's 0-1 scale
+            ax_r.plot(*zip(*validated), marker="o", ls="--", label=f"{record.name} validation accuracy")
         offset = x[-1]
         for ax in (ax_r, ax_l):
             ax.axvline(offset, color="grey", lw=0.6, ls=":")
-    ax_r.set(title="Reward (HFRRF) per step", xlabel="GRPO step", ylabel="mean reward")
+    ax_r.set(title="Reward (HFRRF) per step", xlabel="GRPO step", ylabel="mean reward / accuracy")
     ax_l.set(title="Completion length per step", xlabel="GRPO step", ylabel="mean tokens")
     for ax in (ax_r, ax_l):
         ax.legend(fontsize=8)

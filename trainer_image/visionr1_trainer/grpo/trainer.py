@@ -39,6 +39,8 @@ from .engine import EngineSpec, make_engine, make_reference
 from .logprob_head import LogprobModel
 from .reward_plugins import RewardScorer
 from .rollout import RolloutBackend, make_rollout
+from .validation import due as validation_due
+from .validation import load_validation_items, validate
 
 log = logging.getLogger("visionr1.grpo")
 
@@ -59,6 +61,7 @@ class GRPOState:
     scorer: Any = None  # RewardScorer (grpo/reward_plugins.py)
     cold_start: Any | None = None  # FrozenModel of the cold-start model (the reference itself when it is one)
     history: list[dict] = field(default_factory=list)
+    validation_items: list = field(default_factory=list)  # grpo.validation's held-out items (grpo/validation.py)
 
 
 # --- data order: a pure function of (seed, step), so a resumed run sees the same batches ---
@@ -325,6 +328,7 @@ def _train(config: GRPOStageConfig, env: DistEnv, work: Path, metrics: StageMetr
     grpo, total = config.grpo, config.ptst.steps
     torch.manual_seed(grpo.seed + env.rank)
     ckpt = CheckpointManager(config.output_uri, config.storage, work)
+    validation_items = load_validation_items(config)  # an unreadable split exits 2 before any model loads
     found = ckpt.restore_dir()  # resume: weights load into the engine as it is built
     source, engine, reference, tokenizer, image_processor, cold_start = load_models(
         config, env, work, found[1] / "model" if found else None
@@ -340,7 +344,7 @@ def _train(config: GRPOStageConfig, env: DistEnv, work: Path, metrics: StageMetr
     state = GRPOState(
         config, env, engine, reference, tokenizer, image_processor,
         make_rollout(grpo.rollout_backend, engine, tokenizer, env, config), examples,
-        tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), scorer, cold_start,
+        tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), scorer, cold_start, validation_items=validation_items,
     )
     metrics.set(total_steps=total)
     metrics.event("start", step=start, init=source, examples=len(examples), rl_rows=len(data.items),
@@ -362,6 +366,8 @@ def run_steps(state: GRPOState, ckpt: CheckpointManager, metrics: StageMetrics, 
             save_checkpoint(state, ckpt, metrics, step)
             raise StageStopped(stage_summary(state, step, total, None))
         stats = grpo_step(state, step)
+        if validation_due(config, step + 1):  # every rank takes part (grpo/validation.py)
+            stats.update(validate(state, state.validation_items, step + 1))
         state.history.append(stats)
         if env.is_main:
             metrics.log(step + 1, stats)
@@ -437,5 +443,14 @@ def stage_summary(state: GRPOState, step: int, total: int, uri: str | None) -> d
         "formatRate": mean("format_rate"),
         "completionLengthMean": mean("completion_length_mean"),
         "clippedRatio": mean("clipped_ratio"),
+        **validation_summary(state.history),
         "artifactUri": uri,
     }
+
+
+def validation_summary(history: list[dict]) -> dict[str, Any]:
+    """The last validation's accuracy and step (none when validation is off or has not run)."""
+    last = next((h for h in reversed(history) if "validation_accuracy" in h), None)
+    if last is None:
+        return {}
+    return {"validationAccuracy": round(last["validation_accuracy"], 4), "validationStep": int(last["validation_step"])}
