@@ -56,12 +56,12 @@ def inputs_of(tokenizer):
 # --- settings ---------------------------------------------------------------------------------
 
 
-def test_lora_is_off_by_default_and_refused_under_zero3_naming_the_field():
+def test_lora_is_off_by_default_and_bad_values_name_the_field():
     assert not SFTSettings().lora.enabled and not GRPOSettings().lora.enabled
-    for settings in (SFTSettings, GRPOSettings):
-        with pytest.raises(ValidationError, match="lora.enabled"):
-            settings.model_validate({"lora": {"enabled": True}})  # deepspeedZeroStage defaults to 3
-        assert settings.model_validate({"lora": {"enabled": True}, "deepspeedZeroStage": 2}).lora.enabled
+    for settings in (SFTSettings, GRPOSettings):  # every ZeRO stage (tests/test_lora_deepspeed.py)
+        assert settings.model_validate({"lora": {"enabled": True}}).deepspeed_zero_stage == 3
+        with pytest.raises(ValidationError, match="lora.alpha"):
+            settings.model_validate({"lora": {"enabled": True, "alpha": 0}})
     with pytest.raises(ValidationError, match="rank"):
         LoraSettings.model_validate({"enabled": True, "rank": 0})
     with pytest.raises(ValidationError, match="targetModules"):

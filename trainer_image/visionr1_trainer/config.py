@@ -460,21 +460,6 @@ def _lora_field():
     return Field(default_factory=LoraSettings, description="LoRA adapters instead of full fine-tuning (peft).")
 
 
-LORA_ZERO_RULE = CelRule(
-    "!has(self.lora) || !has(self.lora.enabled) || !self.lora.enabled || "
-    "(has(self.deepspeedZeroStage) && self.deepspeedZeroStage != 3)",
-    "lora.enabled is not supported under deepspeedZeroStage 3 (the default); set it to 0, 1 or 2",
-    ".lora.enabled",
-)
-
-
-def _lora_zero_problems(lora: LoraSettings, zero_stage: int) -> list[tuple[str, str]]:
-    if lora.enabled and zero_stage == 3:
-        return [("lora.enabled", "LoRA is not supported under deepspeedZeroStage 3 (adapters on partitioned "
-                                 "weights); set deepspeedZeroStage to 0, 1 or 2")]
-    return []
-
-
 class SFTSettings(Schema):
     """Cold-start supervised fine-tuning (defaults from the paper's run: Vision-R1's
     LLaMA-Factory config for Qwen2.5-VL-7B, and LLaMA-Factory's own defaults where that
@@ -548,7 +533,6 @@ class SFTSettings(Schema):
             "imageMinPixels must not be above imageMaxPixels",
             ".imageMinPixels",
         ),
-        LORA_ZERO_RULE,
     )
 
     @model_validator(mode="after")
@@ -556,7 +540,6 @@ class SFTSettings(Schema):
         if self.image_min_pixels > self.image_max_pixels:
             raise_problems([("imageMinPixels", f"{self.image_min_pixels} is above imageMaxPixels "
                                                f"({self.image_max_pixels})")])
-        raise_problems(_lora_zero_problems(self.lora, self.deepspeed_zero_stage))
         return self
 
 
@@ -809,7 +792,6 @@ class GRPOSettings(Schema):
             "overlong: softPenalty needs overlongBuffer of at least 1 token",
             ".overlongBuffer",
         ),
-        LORA_ZERO_RULE,
     )
 
     def rank_split_problems(self, world_size: int) -> list[tuple[str, str]]:
@@ -833,7 +815,6 @@ class GRPOSettings(Schema):
             )])
         if self.overlong == "softPenalty" and self.overlong_buffer < 1:
             raise_problems([("overlongBuffer", "overlong: softPenalty needs overlongBuffer of at least 1 token")])
-        raise_problems(_lora_zero_problems(self.lora, self.deepspeed_zero_stage))
         return self
 
     def length_problems(self, max_completion_length: int) -> list[tuple[str, str]]:
