@@ -202,7 +202,7 @@ def test_sft_with_lora_commits_a_plain_low_rank_updated_model_and_resumes_exactl
     assert all(torch.equal(final[k], again[k]) for k in final)
 
 
-def test_grpo_with_lora_trains_the_adapters_only_and_commits_a_plain_model(tmp_path):
+def test_grpo_with_lora_trains_the_adapters_only_commits_a_plain_model_and_resumes_exactly(tmp_path, monkeypatch):
     from grpo_harness import build_warm_model, grpo_config, write_color_task
 
     from visionr1_trainer.grpo import trainer
@@ -210,18 +210,31 @@ def test_grpo_with_lora_trains_the_adapters_only_and_commits_a_plain_model(tmp_p
     reset_stop()
     model_dir = build_warm_model(tmp_path / "model")
     data = write_color_task(tmp_path / "data")
-    doc = grpo_config(tmp_path, model_dir, data, steps=2, learningRate=1e-2,
-                      lora={"enabled": True, "rank": 4, "alpha": 8})
-    summary = trainer.run(GRPOStageConfig.model_validate(doc, by_name=False))
-    out = tmp_path / "store" / "default" / "t" / "ptst-1"
+
+    def config(root):
+        doc = grpo_config(root, model_dir, data, steps=3, learningRate=1e-2, saveEverySteps=2,
+                          lora={"enabled": True, "rank": 4, "alpha": 8})
+        return GRPOStageConfig.model_validate(doc, by_name=False)
+
+    summary = trainer.run(config(tmp_path / "straight"))
+    out = tmp_path / "straight" / "store" / "default" / "t" / "ptst-1"
     assert summary["artifactUri"] == f"file://{out}/model"
     records = read_jsonl(out / "_work" / "metrics.jsonl", None)
     start = [r for r in records if r.get("type") == "start"]
     assert start and start[0]["trainableParameters"] == start[0]["loraParameters"] > 0
     steps = [r for r in records if r.get("type") == "step"]
-    assert len(steps) == 2 and any(s["grad_norm"] > 0 for s in steps)
+    assert len(steps) == 3 and any(s["grad_norm"] > 0 for s in steps)
     base = load_file(next(model_dir.glob("*.safetensors")))
     final = load_file(next((out / "model").glob("*.safetensors")))
     low_rank_update(base, final, SETTINGS.rank)
-    load_vlm(str(out / "model"), "float32", "sdpa", "cpu")
+    load_vlm(str(out / "model"), "float32", "sdpa", "cpu")  # the ordinary loader
     json.loads((out / "summary.json").read_text())
+    # Stopped before step 3 (after the step-2 checkpoint), resumed: the unbroken stage's weights.
+    checks = iter([False, False, True])
+    monkeypatch.setattr(trainer, "stop_requested", lambda: next(checks, False))
+    with pytest.raises(StageStopped):
+        trainer.run(config(tmp_path / "resumed"))
+    monkeypatch.setattr(trainer, "stop_requested", lambda: False)
+    trainer.run(config(tmp_path / "resumed"))
+    again = load_file(next((tmp_path / "resumed" / "store" / "default" / "t" / "ptst-1" / "model").glob("*.safetensors")))
+    assert all(torch.equal(final[k], again[k]) for k in final)
