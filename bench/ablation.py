@@ -259,6 +259,7 @@ def figure(data: dict, path: Path = FIGURE) -> Path:
             paper.scatter(p["reasoning_tokens"], p["score"], color=colors[row], s=40)
             paper.annotate(p["label"], (p["reasoning_tokens"], p["score"]), fontsize=8,
                            xytext=(4, 4), textcoords="offset points")
+    ours.axhline(25, color="grey", lw=0.8, ls="--", label="chance (4 options)")
     ours.set(title="This project, toy task (mean, min-max over seeds)", xlabel="mean reasoning tokens (<think>)",
              ylabel="held-out accuracy (%)")
     ours.legend(fontsize=8)
