@@ -25,7 +25,7 @@ from visionr1_trainer.metrics import read_jsonl
 from visionr1_trainer.models import lora
 from visionr1_trainer.models.loading import load_vlm
 from visionr1_trainer.models.tiny import build_tiny_vlm
-from visionr1_trainer.runtime import StageStopped, reset_stop
+from visionr1_trainer.runtime import StageStopped, UnusableSetting, reset_stop
 
 pytestmark = pytest.mark.timeout(1800)
 CPU = DistEnv(0, 1, 0, "cpu", None)
@@ -70,7 +70,7 @@ def test_lora_is_off_by_default_and_bad_values_name_the_field():
 
 def test_unknown_target_modules_name_the_field(tiny_model):
     model, _, _ = load_vlm(str(tiny_model), "float32", "sdpa", "cpu")
-    with pytest.raises(ValueError, match="sft.lora.targetModules"):
+    with pytest.raises(UnusableSetting, match="sft.lora.targetModules"):
         lora.apply_lora(model, LoraSettings(enabled=True, targetModules=["nope"]), field="sft.lora")
 
 
@@ -238,3 +238,11 @@ def test_grpo_with_lora_trains_the_adapters_only_commits_a_plain_model_and_resum
     trainer.run(config(tmp_path / "resumed"))
     again = load_file(next((tmp_path / "resumed" / "store" / "default" / "t" / "ptst-1" / "model").glob("*.safetensors")))
     assert all(torch.equal(final[k], again[k]) for k in final)
+
+
+def test_a_stage_whose_target_modules_match_nothing_stops_naming_the_field(tiny_model, synthetic, tmp_path):
+    from visionr1_trainer.sft import train
+
+    with pytest.raises(UnusableSetting, match="sft.lora.targetModules"):  # the entrypoint exits 2 on it
+        train.run(sft_config(tmp_path / "sft", tiny_model, synthetic.cold_start,
+                             lora={"enabled": True, "targetModules": ["qkv_nope"]}))

@@ -26,7 +26,7 @@ grpo/engine.py and checkpoint.py.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -60,13 +60,15 @@ def apply_lora(model: torch.nn.Module, settings, keep_trainable: Callable[[str],
     ``keep_trainable(name)`` says to leave as they are. Returns parameter counts.
 
     ``settings``: a ``LoraSettings`` (rank, alpha, dropout, target_modules). Raises
-    ``ValueError`` naming ``field.targetModules`` when no layer matches.
+    ``UnusableSetting`` (exit 2) naming ``field.targetModules`` when no layer matches.
     """
     from peft import LoraConfig, inject_adapter_in_model
 
+    from ..runtime import UnusableSetting
+
     names = target_module_names(model, settings.target_modules)
-    if not names:
-        raise ValueError(f"{field}.targetModules: no linear layer of the language model is named any of "
+    if not names:  # a stage exits 2 with this message
+        raise UnusableSetting(f"{field}.targetModules: no linear layer of the language model is named any of "
                          f"{list(settings.target_modules)}")
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=names, bias="none")
@@ -195,8 +197,3 @@ def load_trainable(model: torch.nn.Module, path: Path) -> None:
         for key, value in tensors.items():
             params[key].copy_(value.to(params[key].device, params[key].dtype))
 
-
-def describe(settings, counts: dict[str, int]) -> dict[str, Any]:
-    """The stage's start event's LoRA fields."""
-    return {"lora": {"rank": settings.rank, "alpha": settings.alpha, "dropout": settings.dropout,
-                     "targetModules": list(settings.target_modules), **counts}}
