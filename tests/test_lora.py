@@ -246,3 +246,23 @@ def test_a_stage_whose_target_modules_match_nothing_stops_naming_the_field(tiny_
     with pytest.raises(UnusableSetting, match="sft.lora.targetModules"):  # the entrypoint exits 2 on it
         train.run(sft_config(tmp_path / "sft", tiny_model, synthetic.cold_start,
                              lora={"enabled": True, "targetModules": ["qkv_nope"]}))
+
+
+def test_sft_with_lora_and_an_unfrozen_vision_tower_trains_both(tiny_model, synthetic, tmp_path):
+    """freezeVisionTower: false beside LoRA: the tower trains fully, the language model
+    through its adapters only (peft freezes everything else; the setting is not dropped)."""
+    from visionr1_trainer.sft import train
+
+    out = tmp_path / "sft"
+    train.run(sft_config(out, tiny_model, synthetic.cold_start, epochs=1, freezeVisionTower=False))
+    model, _, _ = load_vlm(str(tiny_model), "float32", "sdpa", "cpu")
+    tower = sum(p.numel() for n, p in model.named_parameters() if ".visual." in f".{n}" and ".merger." not in n)
+    start = read_jsonl(out / "_work" / "metrics.jsonl", "start")[0]
+    assert start["trainableParameters"] == start["loraParameters"] + tower
+    base = load_file(next(tiny_model.glob("*.safetensors")))
+    final = load_file(next((out / "model").glob("*.safetensors")))
+    changed = {k for k in base if not torch.equal(base[k], final[k])}
+    assert any("visual" in k and "merger" not in k for k in changed)  # the tower moved
+    assert not any("merger" in k for k in changed)  # the projector kept frozen
+    language = {k: final[k] for k in changed if "visual" not in k}
+    assert language and all(k.split(".")[-2] in SETTINGS.target_modules for k in language)

@@ -72,12 +72,11 @@ def apply_lora(model: torch.nn.Module, settings, keep_trainable: Callable[[str],
                          f"{list(settings.target_modules)}")
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=names, bias="none")
+    # peft freezes every non-adapter parameter: what was trainable is put back where kept.
+    trainable = {id(p) for name, p in model.named_parameters() if p.requires_grad and keep_trainable(name)}
     inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
     for name, param in model.named_parameters():
-        if is_adapter_key(name):
-            param.requires_grad_(True)
-        elif not keep_trainable(name):
-            param.requires_grad_(False)
+        param.requires_grad_(is_adapter_key(name) or id(param) in trainable)
     return parameter_counts(model)
 
 
