@@ -149,3 +149,16 @@ def _selected_benchmarks(run: VisionR1Run):
     wanted = run.spec.stages.eval.benchmarks
     every = run.spec.data.benchmarks
     return [b for b in every if not wanted or b.name in wanted]
+
+
+def config_strings(value: Any):
+    """Every string in a stage config's JSON (nested dicts and lists): where it names URIs,
+    PVC claims and other stages' outputs."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from config_strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from config_strings(v)

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Iterable
+from typing import Any
 
 from visionr1_trainer.config import SecretKeyRef
 
 from ..api import VisionR1RunSpec
-from ..plan import StagePlan
+from ..plan import StagePlan, config_strings
 from ..pod_settings import PodSettings
 from .naming import (
     ANNOTATION_COMPLETION_INDEX,
@@ -290,21 +290,10 @@ def _resources(plan: StagePlan) -> dict[str, Any]:
 def pvc_claims(plan: StagePlan) -> list[str]:
     """Every PVC the stage reads or writes: storage, model and data sources (``pvc://claim/...``)."""
     claims: set[str] = set()
-    for value in _strings(plan.config_json()):
+    for value in config_strings(plan.config_json()):
         if value.startswith("pvc://"):
             claims.add(value[len("pvc://"):].split("/", 1)[0])
     return sorted(claims)
-
-
-def _strings(value: Any) -> Iterable[str]:
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _strings(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from _strings(v)
 
 
 def _volumes(job: str, plan: StagePlan) -> list[dict[str, Any]]:

@@ -28,7 +28,7 @@ from typing import Any
 from visionr1_trainer.config import FINAL_ARTIFACT
 from visionr1_trainer.storage import COMMIT_MARKER
 
-from ..plan import StagePlan
+from ..plan import StagePlan, config_strings
 
 PROVENANCE_DIR = "provenance"
 # Per-attempt details of a stage config that do not change what the stage computes.
@@ -44,22 +44,11 @@ def settings(plan: StagePlan) -> dict[str, Any]:
     return {k: v for k, v in plan.config_json().items() if k not in VOLATILE}
 
 
-def _strings(value: Any):
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _strings(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from _strings(v)
-
-
 def upstream(plan: StagePlan, plans: list[StagePlan]) -> list[StagePlan]:
     """The earlier stages whose output this stage's config names (the ones it reads)."""
     own = settings(plan)
     own.pop("outputUri", None)
-    names = set(_strings(own))
+    names = set(config_strings(own))
     found = []
     for other in plans:
         if other is plan:
