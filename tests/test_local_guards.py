@@ -88,11 +88,19 @@ def env(site: Path, delay: float = 0.0) -> dict:
             "VR1_TEST_TEACHER_DELAY": str(delay), "COLUMNS": "200"}
 
 
+def as_from_a_terminal() -> None:
+    """In the child: SIGINT and SIGTERM as a terminal's shell leaves them. A suite started
+    in the background (nohup, ``cmd &`` in a script) inherits SIGINT ignored, and the
+    executor rightly keeps an ignored signal ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def spawn(path: Path, site: Path, delay: float = 0.0) -> subprocess.Popen:
     """`visionr1 run` in its own session (signals reach it alone unless sent to its group)."""
     return subprocess.Popen([sys.executable, "-m", "visionr1_operator.cli", "run", str(path), "--metrics-port", "0"],
                             cwd=ROOT, env=env(site, delay), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True, preexec_fn=as_from_a_terminal)
 
 
 def run(path: Path, site: Path, delay: float = 0.0, timeout: float = 300) -> tuple[int, str]:

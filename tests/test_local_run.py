@@ -20,6 +20,7 @@ from visionr1_operator.local.display import RichDisplay
 from visionr1_operator.manifest import load_run
 from visionr1_operator.local.report import load_run_data, write_report
 from visionr1_trainer.demo import prepare
+from test_local_guards import as_from_a_terminal
 from visionr1_trainer.metrics import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,7 +93,7 @@ def _executor(manifest: Path) -> subprocess.Popen:
     # A new session: the test can kill the executor together with the stage it runs.
     return subprocess.Popen([sys.executable, "-m", "visionr1_operator.cli", "run", str(manifest), "--metrics-port", "0"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=as_from_a_terminal)
 
 
 def test_a_run_killed_mid_ptst_finishes_with_no_stage_repeated(tmp_path, inputs):
