@@ -41,7 +41,8 @@ def local(command: list[str], config: Path) -> list[str]:
 
 
 def run_pod_command(command: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "VISIONR1_WORK_DIR": str(tmp_path / "work")}
     return subprocess.run(command, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
 
 
@@ -78,7 +79,7 @@ def test_torchrun_itself_turns_a_workers_exit_2_into_1(tmp_path):
 
 
 def test_a_valid_config_runs_the_command_unchanged(tmp_path):
-    """A config that validates: the launcher becomes the command (its exit status is the pod's)."""
+    """A config that validates: the launcher runs the command (its exit status is the pod's)."""
     plan = sft_plan(gpus=2)
     config = tmp_path / "stage.json"
     config.write_text(json.dumps(plan.config_json()))
@@ -86,3 +87,62 @@ def test_a_valid_config_runs_the_command_unchanged(tmp_path):
     done = run_pod_command([sys.executable, "-m", "visionr1_trainer.launch", "sft", "--config", str(config),
                             "--", *probe], tmp_path)
     assert done.returncode == 7, done.stderr[-2000:]
+
+
+def grpo_plan(gpus: int):
+    doc = run_manifest("launch")
+    doc["spec"]["stages"]["grpo"]["resources"] = {"gpusPerNode": gpus}
+    run, problems = parse_run(doc)
+    assert run is not None, problems
+    return next(p for p in build_plan(run, "visionr1/trainer:test") if p.kind == "grpo")
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed")
+def test_a_setting_a_worker_finds_unusable_still_exits_2_under_torchrun(tmp_path):
+    """A config that validates but names what cannot run (a reward plug-in that does not
+    import, found by each worker at stage start): torchrun alone ends with 1 (retried on the
+    full allocation); the pod command ends with 2 and the reason, naming the field."""
+    plan = grpo_plan(gpus=2)
+    command = trainer_command(plan)
+    assert "torchrun" in command and "--nproc-per-node=2" in command
+    termination = tmp_path / "termination-log"
+    config = tmp_path / "stage.json"
+    config.write_text(json.dumps({**plan.config_json(), "terminationMessagePath": str(termination),
+                                  "metricsPort": 0,
+                                  "grpo": {**plan.config_json()["grpo"], "reward": "no_such_module_vr1:score"}}))
+    done = run_pod_command(local(command, config), tmp_path)
+    assert done.returncode == 2, (done.returncode, done.stderr[-3000:])
+    summary = json.loads(termination.read_text())
+    assert "grpo.reward" in summary["error"] and "no_such_module_vr1" in summary["error"], summary
+
+
+def launch_probe(tmp_path: Path, code: str) -> subprocess.Popen:
+    plan = sft_plan(gpus=2)
+    config = tmp_path / "stage.json"
+    config.write_text(json.dumps({**plan.config_json(), "terminationMessagePath": str(tmp_path / "termination-log")}))
+    return subprocess.Popen([sys.executable, "-m", "visionr1_trainer.launch", "sft", "--config", str(config),
+                             "--", sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+
+
+def test_sigterm_to_the_launcher_reaches_the_command(tmp_path):
+    """Kubernetes stops a pod with SIGTERM to its first process: torchrun (and through it the
+    workers) must get it, and their exit status must be the pod's."""
+    import signal
+
+    code = ("import signal, sys, time\n"
+            "signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))\n"
+            "print('ready', flush=True)\n"
+            "time.sleep(60)\n")
+    launcher = launch_probe(tmp_path, code)
+    try:
+        assert launcher.stdout.readline().strip() == "ready"
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(timeout=30) == 143
+    finally:
+        launcher.kill()
+    assert not (tmp_path / "termination-log").exists()  # an ordinary stop is not "unusable"
+
+
+def test_a_command_killed_by_a_signal_exits_128_plus_it(tmp_path):
+    launcher = launch_probe(tmp_path, "import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
+    assert launcher.wait(timeout=30) == 137

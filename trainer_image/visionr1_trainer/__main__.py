@@ -26,6 +26,7 @@ from .runtime import (
     StageStopped,
     UnusableSetting,
     install_signal_handlers,
+    note_unusable,
     setup_logging,
     termination_path_of,
     write_termination_message,
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {redact(exc)}", file=sys.stderr)
         write_termination_message(termination_path_of(args.config),
                                   {"stage": args.stage, "error": f"bad config: {exc}"[:1000]})
+        note_unusable(f"bad config: {exc}")
         return EXIT_BAD_CONFIG
     try:
         stage = importlib.import_module(f"visionr1_trainer.{args.stage}")
@@ -60,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {message}", file=sys.stderr)
         write_termination_message(config.termination_message_path,
                                   {"stage": config.stage, "attempt": config.attempt, "error": message})
+        note_unusable(message)
         return EXIT_BAD_CONFIG
     install_signal_handlers()
     status, summary = EXIT_OK, {}
@@ -83,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                                         "error": f"{type(exc).__name__}: {exc}"[:1000]}
     summary = {"stage": config.stage, "attempt": config.attempt, **summary}
     write_termination_message(config.termination_message_path, summary)
+    if status == EXIT_BAD_CONFIG:
+        note_unusable(summary["error"])
     return status
 
 

@@ -23,6 +23,11 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG, EXIT_STOPPED = 0, 1, 2, 143
 
 _stop = threading.Event()
 
+# Set by the multi-process launcher (``visionr1_trainer.launch``) for its workers: torchrun
+# reports any worker's failure as its own exit 1, so a worker that exits 2 (the config is
+# unusable) also leaves its reason here, and the launcher exits 2 with it.
+UNUSABLE_FILE_ENV = "VISIONR1_UNUSABLE_FILE"
+
 
 class UnusableSetting(Exception):
     """A setting this machine cannot run (DeepSpeed missing for a ZeRO stage...): exit 2.
@@ -61,6 +66,22 @@ def install_signal_handlers() -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+
+
+def note_unusable(reason: str) -> None:
+    """Tell the launcher (if one started this worker) that the stage exits 2, and why.
+
+    The first worker to say so wins; the others' reasons are the same setting's."""
+    path = os.environ.get(UNUSABLE_FILE_ENV)
+    if not path:
+        return
+    try:
+        with open(path, "x", encoding="utf-8") as out:
+            out.write(reason[:1000])
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        logging.getLogger("visionr1").warning("cannot tell the launcher the config is unusable (%s): %s", path, exc)
 
 
 def compact_summary(summary: dict[str, Any], limit: int = TERMINATION_MESSAGE_LIMIT) -> str:
