@@ -23,6 +23,10 @@ help:
 install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
+	@# The install takes about 6.5 GB (torch with its CUDA libraries is 4.6 of it): say so up front
+	@# rather than as pip's "No space left on device" half-way through.
+	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); if [ "$$free" -lt 8 ]; then \
+		echo "warning: $$free GiB free on this disk; .venv needs about 6.5 GiB, the control plane's Go build cache 5 more" >&2; fi
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check "pip==$(PIP_VERSION)"
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
