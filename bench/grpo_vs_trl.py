@@ -121,74 +121,104 @@ def our_state(model_dir: Path, problems, args):
                      HFRollout(engine, tok), problems, tok.convert_tokens_to_ids(IMAGE_TOKEN))
 
 
-def run_alternating(model_dir: Path, problems, args, out_dir: Path):
-    """TRL's steps with ours in between; ``(trainer, state, pairs)``, each pair's seconds and tokens."""
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+def trl_config(args, out_dir: Path, **extra):
+    """TRL's GRPOConfig with the bench's settings (equal to ours, see the module docstring)."""
+    from trl import GRPOConfig
 
-    state = our_state(model_dir, problems, args)
-    pairs: list[dict] = []
-    trl_lengths: list[float] = []
-    ours_rng = torch.Generator().manual_seed(0)  # our sampling stream, kept apart from TRL's
-
-    class Alternate(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            self.t = time.perf_counter()
-
-        def on_step_end(self, _args, trl_state, *a, **k):
-            trl_seconds = time.perf_counter() - self.t
-            step = len(pairs)
-            theirs = torch.random.get_rng_state()
-            torch.random.set_rng_state(ours_rng.get_state())
-            stats = grpo_step(state, step)  # our step i, right after TRL's step i
-            ours_rng.set_state(torch.random.get_rng_state())
-            torch.random.set_rng_state(theirs)
-            pairs.append({"trl_seconds": trl_seconds, "ours_seconds": stats["step_seconds"],
-                          "ours_length": stats["completion_length_mean"]})
-
-        def on_log(self, _args, _state, _control, logs=None, **k):
-            if logs and "completions/mean_length" in logs:
-                trl_lengths.append(logs["completions/mean_length"])
-
-    rows = [{"prompt": [{"role": "user", "content": p.problem}], "answer": p.answer} for p in problems]
-    config = GRPOConfig(
+    return GRPOConfig(
         output_dir=str(out_dir), max_steps=args.pairs + 1, learning_rate=args.lr,
         per_device_train_batch_size=args.prompts * args.group, gradient_accumulation_steps=1,
         num_generations=args.group, max_completion_length=args.max_len, temperature=1.0, top_p=1.0, top_k=0,
         beta=args.beta, epsilon=0.2, epsilon_high=0.2, loss_type="grpo", num_iterations=1, scale_rewards="group",
         use_bias_correction_kl=False,  # TRL 1.16 defaults to weighting the KL by the ratio; GRPO does not
+        # TRL 1.16 defaults to recomputing activations in backward; our stage's "auto" does not at these
+        # lengths, so both keep them (the runs before 2026-12-02 01:40 had TRL's default on).
+        gradient_checkpointing=False,
         use_vllm=False, use_cpu=True, bf16=False, fp16=False, logging_steps=1, report_to=[], save_strategy="no",
         seed=0, dataloader_num_workers=0, disable_dropout=True, shuffle_dataset=True, lr_scheduler_type="constant",
+        **extra,
     )
+
+
+def alternate_callback(state, pairs: list[dict], trl_lengths: list[float]):
+    """A TRL callback that times TRL's step and runs our step i right after TRL's step i.
+
+    Wall time (``perf_counter``) and this process's CPU time (``process_time``) per side;
+    each side keeps its own torch RNG stream.
+    """
+    from transformers import TrainerCallback
+
+    ours_rng = torch.Generator().manual_seed(0)  # our sampling stream, kept apart from TRL's
+
+    class Alternate(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t, self.c = time.perf_counter(), time.process_time()
+
+        def on_step_end(self, *a, **k):
+            trl_seconds, trl_cpu = time.perf_counter() - self.t, time.process_time() - self.c
+            theirs = torch.random.get_rng_state()
+            torch.random.set_rng_state(ours_rng.get_state())
+            c = time.process_time()
+            stats = grpo_step(state, len(pairs))  # our step i, right after TRL's step i
+            ours_cpu = time.process_time() - c
+            ours_rng.set_state(torch.random.get_rng_state())
+            torch.random.set_rng_state(theirs)
+            pairs.append({"trl_seconds": trl_seconds, "trl_cpu_seconds": trl_cpu, "ours_seconds": stats["step_seconds"],
+                          "ours_cpu_seconds": ours_cpu, "ours_length": stats["completion_length_mean"]})
+
+        def on_log(self, _args, _state, _control, logs=None, **k):
+            if logs and "completions/mean_length" in logs:
+                trl_lengths.append(logs["completions/mean_length"])
+
+    return Alternate()
+
+
+def run_alternating(trl_model, processing_class, rows: list[dict], state, args, out_dir: Path):
+    """TRL's steps with ours in between; ``(trainer, pairs)``, each pair's seconds and tokens."""
+    from datasets import Dataset
+    from trl import GRPOTrainer
+
+    pairs: list[dict] = []
+    trl_lengths: list[float] = []
     trainer = GRPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
-        processing_class=AutoTokenizer.from_pretrained(model_dir),
-        reward_funcs=[reward_for_trl], args=config, train_dataset=Dataset.from_list(rows), callbacks=[Alternate()],
+        model=trl_model, processing_class=processing_class, reward_funcs=[reward_for_trl],
+        args=trl_config(args, out_dir), train_dataset=Dataset.from_list(rows),
+        callbacks=[alternate_callback(state, pairs, trl_lengths)],
     )
     trainer.train()
     for pair, length in zip(pairs, trl_lengths):
         pair["trl_length"] = length
-    return trainer, state, pairs
+    return trainer, pairs
 
 
-def run_ours_only(state, pairs_wanted: int) -> list[dict]:
-    """Our steps alone (the image case, where TRL's side cannot run here)."""
-    out = []
-    torch.manual_seed(0)
-    for step in range(pairs_wanted + 1):
-        stats = grpo_step(state, step)
-        out.append({"ours_seconds": stats["step_seconds"], "ours_length": stats["completion_length_mean"]})
-    return out
+def text_case(tmp: Path, args):
+    """The tiny Qwen2 on arithmetic prompts: ``(trainer, state, pairs, problems)``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    problems = make_problems(64)
+    model_dir = build_model(tmp / "model", args.hidden, args.layers)
+    state = our_state(model_dir, problems, args)
+    rows = [{"prompt": [{"role": "user", "content": p.problem}], "answer": p.answer} for p in problems]
+    trainer, pairs = run_alternating(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                                     AutoTokenizer.from_pretrained(model_dir), rows, state, args, tmp / "trl")
+    return trainer, state, pairs, problems
 
 
 def equal_loss_check(state: GRPOState, trainer, problems, args) -> dict:
-    """Both objectives on one rollout with given old and reference log-probs."""
+    """Both objectives on one rollout with given old and reference log-probs.
+
+    The prompts are our encoding (``encode_prompts``; the tests and the image case check it
+    gives TRL's prompt ids and pixel values); image prompts hand TRL each completion's own
+    copy of its prompt's patches, as TRL's batches hold them.
+    """
     tok, policy = state.tokenizer, state.engine
-    prompts = encode_prompts(tok, None, [p.problem for p in problems[: args.prompts]], [[]] * args.prompts, 128)
+    chosen = problems[: args.prompts]
+    images = [p.load_images() for p in chosen]
+    prompts = encode_prompts(tok, state.image_processor, [p.problem for p in chosen], images, 256)
+    counts = [len(i) for i in images]
     torch.manual_seed(1)
-    rollout = HFRollout(policy, tok).generate(prompts, [0] * args.prompts, SamplingSettings(args.group, args.max_len))
-    batch = build_policy_batch(prompts, [0] * args.prompts, rollout, args.group, tok, state.image_token_id)
+    rollout = HFRollout(policy, tok).generate(prompts, counts, SamplingSettings(args.group, args.max_len))
+    batch = build_policy_batch(prompts, counts, rollout, args.group, tok, state.image_token_id)
     rewards = torch.tensor([float(i % 3 == 0) for i in range(batch.rows)])
     advantages = group_advantages(rewards, args.group)
     with torch.no_grad():
@@ -196,13 +226,20 @@ def equal_loss_check(state: GRPOState, trainer, problems, args) -> dict:
     gen = torch.Generator().manual_seed(2)
     old = logprobs + 0.3 * torch.randn(logprobs.shape, generator=gen)  # engages both clip sides
     ref = logprobs + 0.3 * torch.randn(logprobs.shape, generator=gen)
+    prompt_ids = prompts.input_ids.repeat_interleave(args.group, 0)
+    prompt_mask = prompts.attention_mask.repeat_interleave(args.group, 0)
+    vision = {}
+    if prompts.pixel_values is not None:
+        input_ids = torch.cat([prompt_ids, batch.completion_ids], 1)
+        vision = {"pixel_values": torch.cat(batch.pixel_rows), "image_grid_thw": torch.cat(batch.grid_rows),
+                  "num_images": [int(g.shape[0]) for g in batch.grid_rows],
+                  "mm_token_type_ids": (input_ids == state.image_token_id).long()}
     with torch.no_grad():
         ours, _ = policy_loss(logprobs, old, ref, advantages, batch.loss_mask, 0.2, 0.2, args.beta, "sequence_mean")
         trl_inputs = {
-            "prompt_ids": prompts.input_ids.repeat_interleave(args.group, 0),
-            "prompt_mask": prompts.attention_mask.repeat_interleave(args.group, 0),
+            "prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
             "completion_ids": batch.completion_ids, "completion_mask": batch.loss_mask,
-            "advantages": advantages, "old_per_token_logps": old, "ref_per_token_logps": ref,
+            "advantages": advantages, "old_per_token_logps": old, "ref_per_token_logps": ref, **vision,
         }
         trainer.model.load_state_dict(policy.full_state_dict())
         trainer.model.eval()
@@ -210,8 +247,8 @@ def equal_loss_check(state: GRPOState, trainer, problems, args) -> dict:
         # The same objective on TRL's own log-probs: isolates the loss math from the
         # forward pass (batching and kernel order differ in the last float32 digits).
         trl_logprobs, _, _ = trainer._get_per_token_logps_and_entropies(
-            trainer.model, torch.cat([trl_inputs["prompt_ids"], batch.completion_ids], 1),
-            torch.cat([trl_inputs["prompt_mask"], batch.loss_mask], 1), batch.completion_len,
+            trainer.model, torch.cat([prompt_ids, batch.completion_ids], 1),
+            torch.cat([prompt_mask, batch.loss_mask], 1), batch.completion_len, **vision,
         )
         ours_on_trl_logprobs, _ = policy_loss(trl_logprobs, old, ref, advantages, batch.loss_mask, 0.2, 0.2,
                                               args.beta, "sequence_mean")
@@ -228,29 +265,56 @@ class ImageProblem:
     problem: str
     answer: str
     color: tuple
+    size: int = 56
 
     def load_images(self) -> list:
         from PIL import Image
 
-        return [Image.new("RGB", (56, 56), self.color)]
+        return [Image.new("RGB", (self.size, self.size), self.color)]
 
 
-def image_state(directory: Path, args):
-    """Our stage's state on the tests' tiny Qwen2.5-VL with one image per prompt."""
-    from visionr1_trainer.models.loading import load_model, load_processor_parts
+COLORS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
+
+
+def trl_vlm_processor(directory: Path, image_processor):
+    """TRL's processing class for the tiny Qwen2.5-VL: the saved processor (its video part
+    needs torchvision) with ``image_processor`` in place of the default, so both sides
+    preprocess images with the same object (PIL backend, as our stage without torchvision)."""
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(directory)
+    except ImportError as exc:
+        raise SystemExit(f"--case image needs torchvision for TRL's Qwen2.5-VL processor (the bench extra "
+                         f"pins it: pip install -c constraints.txt -e '.[bench]'): {exc}") from None
+    processor.image_processor = image_processor
+    return processor
+
+
+def image_case(tmp: Path, args):
+    """The tests' tiny Qwen2.5-VL, one image per prompt: ``(trainer, state, pairs, problems)``."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    from visionr1_trainer.models.loading import load_model
     from visionr1_trainer.models.tiny import build_tiny_vlm
 
-    colors = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
-    build_tiny_vlm(directory, corpus=[f"Final Answer: {c}" for c in colors])
-    tok, processor = load_processor_parts(str(directory))
-    problems = [ImageProblem("<image>What color is the image? Answer with a color.", name, rgb)
-                for name, rgb in colors.items() for _ in range(8)]
+    directory = tmp / "vlm"
+    build_tiny_vlm(directory, corpus=[f"Final Answer: {c}" for c in COLORS])
+    tok = AutoTokenizer.from_pretrained(directory)
+    image_processor = AutoImageProcessor.from_pretrained(directory, backend="pil")
+    problems = [ImageProblem("<image>What color is the image? Answer with a color.", name, rgb, args.image_size)
+                for name, rgb in COLORS.items() for _ in range(8)]
     policy = LogprobModel(load_model(str(directory), "float32"))
     reference = LogprobModel(load_model(str(directory), "float32")).eval()
     reference.requires_grad_(False)
     cfg, env, engine = stage_parts(directory, policy, args)
-    return GRPOState(cfg, env, engine, FrozenModel(reference) if args.beta else None, tok, processor,
-                     HFRollout(engine, tok), problems, tok.convert_tokens_to_ids(IMAGE_TOKEN))
+    state = GRPOState(cfg, env, engine, FrozenModel(reference) if args.beta else None, tok, image_processor,
+                      HFRollout(engine, tok), problems, tok.convert_tokens_to_ids(IMAGE_TOKEN))
+    rows = [{"prompt": [{"role": "user", "content": p.problem.replace("<image>", "")}], "image": p.load_images()[0],
+             "answer": p.answer} for p in problems]
+    trainer, pairs = run_alternating(load_model(str(directory), "float32"),
+                                     trl_vlm_processor(directory, image_processor), rows, state, args, tmp / "trl")
+    return trainer, state, pairs, problems
 
 
 def spread(values: list[float]) -> dict:
@@ -261,26 +325,37 @@ def spread(values: list[float]) -> dict:
 
 
 def pair_summary(pairs: list[dict], completions: int) -> dict:
-    """Per-pair tokens/s on both sides and their ratio, after the warm-up pair."""
-    measured = pairs[1:]
+    """Per-pair tokens/s on both sides and their ratios (wall and CPU time), after the warm-up pair."""
     out = {"pairs": []}
-    for p in measured:
-        row = {"ours_seconds": round(p["ours_seconds"], 4),
-               "ours_tokens_per_s": round(p["ours_length"] * completions / p["ours_seconds"], 1)}
-        if "trl_seconds" in p:
-            row |= {"trl_seconds": round(p["trl_seconds"], 4),
-                    "trl_tokens_per_s": round(p["trl_length"] * completions / p["trl_seconds"], 1)}
-            row["ratio_tokens_per_s"] = round(row["ours_tokens_per_s"] / row["trl_tokens_per_s"], 3)
-            row["ratio_step_time"] = round(p["trl_seconds"] / p["ours_seconds"], 3)
+    for p in pairs[1:]:
+        row = {}
+        for side in ("ours", "trl"):
+            tokens = p[f"{side}_length"] * completions
+            row |= {f"{side}_seconds": round(p[f"{side}_seconds"], 4),
+                    f"{side}_cpu_seconds": round(p[f"{side}_cpu_seconds"], 4),
+                    f"{side}_tokens_per_s": round(tokens / p[f"{side}_seconds"], 1),
+                    f"{side}_tokens_per_cpu_s": round(tokens / p[f"{side}_cpu_seconds"], 1)}
+        row["ratio_tokens_per_s"] = round(row["ours_tokens_per_s"] / row["trl_tokens_per_s"], 3)
+        row["ratio_step_time"] = round(p["trl_seconds"] / p["ours_seconds"], 3)
+        row["ratio_tokens_per_cpu_s"] = round(row["ours_tokens_per_cpu_s"] / row["trl_tokens_per_cpu_s"], 3)
         out["pairs"].append(row)
-    for key in ("ours_tokens_per_s", "trl_tokens_per_s", "ratio_tokens_per_s", "ratio_step_time"):
-        values = [r[key] for r in out["pairs"] if key in r]
-        if values:
-            out[key] = spread(values)
+    for key in ("ours_tokens_per_s", "trl_tokens_per_s", "ratio_tokens_per_s", "ratio_step_time",
+                "ratio_tokens_per_cpu_s"):
+        out[key] = spread([r[key] for r in out["pairs"]])
     return out
 
 
-def main() -> None:
+def goal_verdict(summary: dict, goal: float = 1.3) -> str:
+    """Whether the median and the whole interquartile range meet the goal ratio."""
+    r = summary["ratio_tokens_per_s"]
+    if r["q1"] >= goal:
+        return f"met: median {r['median']}x and lower quartile {r['q1']}x >= {goal}x"
+    if r["median"] >= goal:
+        return f"median only: median {r['median']}x >= {goal}x, lower quartile {r['q1']}x below"
+    return f"not met: median {r['median']}x < {goal}x"
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", choices=("text", "image"), default="text")
     parser.add_argument("--pairs", type=int, default=12, help="measured pairs (after one warm-up pair)")
@@ -291,34 +366,37 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--image-size", type=int, default=56, help="image side in pixels (--case image)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: one per core)")
     parser.add_argument("--out", default=None, help="default: bench/results/grpo_vs_trl[_<case>].json")
-    args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    return parser.parse_args(argv)
+
+
+def run(args) -> dict:
+    """One bench run: the chosen case, alternating pairs, the loss check; the result dict."""
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
     completions = args.prompts * args.group
     load_before = os.getloadavg()
-    with tempfile.TemporaryDirectory() as tmp:
-        if args.case == "text":
-            problems = make_problems(64)
-            model_dir = build_model(Path(tmp) / "model", args.hidden, args.layers)
-            trainer, state, pairs = run_alternating(model_dir, problems, args, Path(tmp) / "trl")
-            loss = equal_loss_check(state, trainer, problems, args)
-            trl_note = None
-        else:
-            state = image_state(Path(tmp) / "vlm", args)
-            pairs, loss = run_ours_only(state, args.pairs), None
-            trl_note = ("TRL's side not run: its Qwen2.5-VL path needs torchvision (the combined processor), "
-                        "which this machine's CPU wheel set cannot import")
-    result = {
+    with tempfile.TemporaryDirectory(prefix="visionr1-grpo-vs-trl-") as tmp:
+        trainer, state, pairs, problems = (text_case if args.case == "text" else image_case)(Path(tmp), args)
+        loss = equal_loss_check(state, trainer, problems, args)
+    summary = pair_summary(pairs, completions)
+    return {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {platform.python_version()}",
+        "torch_threads": torch.get_num_threads(),
         "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "niceness": os.nice(0),
         "settings": vars(args) | {"completions_per_step": completions},
-        **pair_summary(pairs, completions),
+        **summary,
+        "goal_1_3x": goal_verdict(summary),
         "loss_on_equal_inputs": loss,
     }
-    if trl_note:
-        result["trl"] = trl_note
+
+
+def main() -> None:
+    args = parse_args()
+    result = run(args)
     out = Path(args.out or f"bench/results/grpo_vs_trl{'' if args.case == 'text' else '_' + args.case}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
