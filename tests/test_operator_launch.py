@@ -26,12 +26,17 @@ from visionr1_operator.plan import build_plan
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 
 
-def sft_plan(gpus: int):
+def stage_plan(kind: str, gpus: int):
+    """The first plan of a stage kind (``sft``, ``grpo``: PTST stage 1) on ``gpus`` GPUs."""
     doc = run_manifest("launch")
-    doc["spec"]["stages"]["sft"]["resources"] = {"gpusPerNode": gpus}
+    doc["spec"]["stages"][kind]["resources"] = {"gpusPerNode": gpus}
     run, problems = parse_run(doc)
     assert run is not None, problems
-    return next(p for p in build_plan(run, "visionr1/trainer:test") if p.name == "sft")
+    return next(p for p in build_plan(run, "visionr1/trainer:test") if p.kind == kind)
+
+
+def sft_plan(gpus: int):
+    return stage_plan("sft", gpus)
 
 
 def local(command: list[str], config: Path) -> list[str]:
@@ -89,20 +94,12 @@ def test_a_valid_config_runs_the_command_unchanged(tmp_path):
     assert done.returncode == 7, done.stderr[-2000:]
 
 
-def grpo_plan(gpus: int):
-    doc = run_manifest("launch")
-    doc["spec"]["stages"]["grpo"]["resources"] = {"gpusPerNode": gpus}
-    run, problems = parse_run(doc)
-    assert run is not None, problems
-    return next(p for p in build_plan(run, "visionr1/trainer:test") if p.kind == "grpo")
-
-
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed")
 def test_a_setting_a_worker_finds_unusable_still_exits_2_under_torchrun(tmp_path):
     """A config that validates but names what cannot run (a reward plug-in that does not
     import, found by each worker at stage start): torchrun alone ends with 1 (retried on the
     full allocation); the pod command ends with 2 and the reason, naming the field."""
-    plan = grpo_plan(gpus=2)
+    plan = stage_plan("grpo", gpus=2)
     command = trainer_command(plan)
     assert "torchrun" in command and "--nproc-per-node=2" in command
     termination = tmp_path / "termination-log"
