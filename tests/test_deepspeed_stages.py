@@ -50,6 +50,18 @@ def run_worker(plan: list[dict], out: Path, timeout: float = 900) -> subprocess.
     )
 
 
+def run_plan(plan: list[dict], out: Path, timeout: float = 900) -> None:
+    """Run the plan on 2 ranks; fail naming the job and rank that left no result or an error."""
+    proc = run_worker(plan, out, timeout=timeout)
+    for job in plan:
+        for rank in (0, 1):
+            path = out / f"{job['name']}.rank{rank}.json"
+            if not path.exists():
+                pytest.fail(f"{job['name']}: rank {rank} left no result (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+            result = json.loads(path.read_text())
+            assert result["ok"], f"{job['name']} rank {rank}: {result['error']}\n{result['traceback']}"
+
+
 def sft_doc(tmp: Path, model: Path, data: Path, stage: int, name: str) -> dict:
     return {
         "kind": "sft", "run": "t", "stage": name, "outputUri": f"file://{tmp}/store/default/t/{name}",

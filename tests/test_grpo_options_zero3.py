@@ -6,12 +6,11 @@ or the collectives would hang)."""
 
 from __future__ import annotations
 
-import json
 
 import pytest
 
 from grpo_harness import build_warm_model, grpo_config, write_color_task
-from test_deepspeed_stages import assert_same_weights, final_weights, run_worker, step_values
+from test_deepspeed_stages import assert_same_weights, final_weights, run_plan, step_values
 
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.timeout(1200)  # two 2-rank stages and a model warm-up in the fixture
@@ -33,14 +32,7 @@ def runs(tmp_path_factory):
         doc = grpo_config(tmp, model, data, stage=name, steps=3, rolloutBatchSize=4, microBatchSize=4,
                           deepspeedZeroStage=stage, saveEverySteps=100, collectiveTimeoutMinutes=3, **OPTIONS)
         plan.append({"job": "stage", "name": name, "config": doc})
-    proc = run_worker(plan, tmp / "out")
-    for job in plan:
-        for rank in (0, 1):
-            path = tmp / "out" / f"{job['name']}.rank{rank}.json"
-            if not path.exists():
-                pytest.fail(f"{job['name']}: rank {rank} left no result (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-            result = json.loads(path.read_text())
-            assert result["ok"], f"{job['name']} rank {rank}: {result['error']}\n{result['traceback']}"
+    run_plan(plan, tmp / "out")
     return tmp / "store" / "default" / "t"
 
 

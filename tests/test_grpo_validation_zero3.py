@@ -5,14 +5,13 @@ gathered scores equal those of the same stage under plain torch (ZeRO-0)."""
 
 from __future__ import annotations
 
-import json
 
 import pytest
 
 from visionr1_trainer.data.formats import rl_row, write_rows
 
 from grpo_harness import COLORS, QUESTION, build_warm_model, grpo_config, write_color_task
-from test_deepspeed_stages import run_worker, step_values
+from test_deepspeed_stages import run_plan, step_values
 
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.timeout(1200)
@@ -35,14 +34,7 @@ def runs(tmp_path_factory):
                           deepspeedZeroStage=stage, saveEverySteps=100, collectiveTimeoutMinutes=3,
                           validation={"everySteps": 1, "data": {"source": str(held_out)}, "maxTokens": 16})
         plan.append({"job": "stage", "name": name, "config": doc})
-    proc = run_worker(plan, tmp / "out")
-    for job in plan:
-        for rank in (0, 1):
-            path = tmp / "out" / f"{job['name']}.rank{rank}.json"
-            if not path.exists():
-                pytest.fail(f"{job['name']}: rank {rank} left no result (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-            result = json.loads(path.read_text())
-            assert result["ok"], f"{job['name']} rank {rank}: {result['error']}\n{result['traceback']}"
+    run_plan(plan, tmp / "out")
     return tmp / "store" / "default" / "t"
 
 

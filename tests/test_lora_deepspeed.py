@@ -6,14 +6,13 @@ ZeRO-3 the base loads partitioned and the adapters, injected after, are partitio
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from grpo_harness import build_warm_model, write_color_task
-from test_deepspeed_stages import assert_same_weights, final_weights, grpo_doc, run_worker, sft_doc, step_values
+from test_deepspeed_stages import assert_same_weights, final_weights, grpo_doc, run_plan, sft_doc, step_values
 
 from visionr1_trainer.models import lora
 from visionr1_trainer.metrics import read_jsonl
@@ -40,14 +39,7 @@ def runs(tmp_path_factory):
         plan.append({"job": "stage", "name": f"grpo-lora-z{stage}",
                      "config": grpo_doc(tmp, grpo_model, color, stage, f"grpo-lora-z{stage}", lora=LORA,
                                         learningRate=1e-2)})
-    proc = run_worker(plan, tmp / "out", timeout=1700)
-    for job in plan:
-        for rank in (0, 1):
-            path = tmp / "out" / f"{job['name']}.rank{rank}.json"
-            if not path.exists():
-                pytest.fail(f"{job['name']}: rank {rank} left no result (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-            result = json.loads(path.read_text())
-            assert result["ok"], f"{job['name']} rank {rank}: {result['error']}\n{result['traceback']}"
+    run_plan(plan, tmp / "out", timeout=1700)
     return tmp / "store" / "default" / "t", {"sft": sft_model, "grpo": grpo_model}
 
 
