@@ -79,7 +79,7 @@ def observe_job(job: Mapping[str, Any]) -> JobView:
         finished = true["Failed"].get("lastTransitionTime")
     elif spec.get("suspend"):
         state = "Suspended"
-    elif _pods_up(spec, status):
+    elif _pods_up(spec, status, true):
         state = "Running"
     elif status.get("active") or status.get("startTime"):
         state = "Starting"
@@ -104,18 +104,28 @@ def observe_job(job: Mapping[str, Any]) -> JobView:
     )
 
 
-def _pods_up(spec: Mapping[str, Any], status: Mapping[str, Any]) -> bool:
+def _pods_up(spec: Mapping[str, Any], status: Mapping[str, Any], true: Mapping[str, Any]) -> bool:
     """Every pod of the attempt is ready or done: the trainer runs, not waits for a node.
 
     ``status.ready`` counts pods whose Ready condition is true (the kubelet sets it once
     the containers run); ``active`` counts Pending pods as well, and ``startTime`` is
     set as soon as the Job controller creates them. An API server that reports no
     ``ready`` (before Kubernetes 1.29) is read from ``active`` as before.
+
+    A pod that has just ended is in neither count for a moment: the Job controller first
+    lists it in ``uncountedTerminatedPods``, removes its tracking finalizer, then counts
+    it (and a Job whose pods are done carries ``SuccessCriteriaMet`` or ``FailureTarget``
+    before ``Complete`` or ``Failed``). Those pods ran: read as waiting for resources,
+    every finished stage went back to Pending for a status write of its own.
     """
+    if "SuccessCriteriaMet" in true or "FailureTarget" in true:
+        return True
     if "ready" not in status:
         return bool(status.get("active"))
     want = spec.get("parallelism") or spec.get("completions") or 1
-    return (status.get("ready") or 0) + (status.get("succeeded") or 0) >= want
+    uncounted = status.get("uncountedTerminatedPods") or {}
+    done = (status.get("succeeded") or 0) + len(uncounted.get("succeeded") or [])
+    return (status.get("ready") or 0) + done >= want
 
 
 @dataclass(frozen=True)
