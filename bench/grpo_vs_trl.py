@@ -204,8 +204,12 @@ def text_case(tmp: Path, args):
     return trainer, state, pairs, problems
 
 
-def equal_loss_check(state: GRPOState, trainer, problems, args) -> dict:
+def equal_loss_check(state: GRPOState, trainer, problems, args, copy_weights: bool = True) -> dict:
     """Both objectives on one rollout with given old and reference log-probs.
+
+    ``copy_weights``: TRL's model takes our policy's weights first (after training, when
+    the two differ); the ZeRO-3 case checks before the first step instead, both sides
+    still on the same saved weights.
 
     The prompts are our encoding (``encode_prompts``; the tests and the image case check it
     gives TRL's prompt ids and pixel values); image prompts hand TRL each completion's own
@@ -241,7 +245,8 @@ def equal_loss_check(state: GRPOState, trainer, problems, args) -> dict:
             "completion_ids": batch.completion_ids, "completion_mask": batch.loss_mask,
             "advantages": advantages, "old_per_token_logps": old, "ref_per_token_logps": ref, **vision,
         }
-        trainer.model.load_state_dict(policy.full_state_dict())
+        if copy_weights:
+            trainer.model.load_state_dict(policy.full_state_dict())
         trainer.model.eval()
         theirs = trainer._compute_loss(trainer.model, trl_inputs)
         # The same objective on TRL's own log-probs: isolates the loss math from the
