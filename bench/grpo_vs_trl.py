@@ -125,19 +125,19 @@ def trl_config(args, out_dir: Path, **extra):
     """TRL's GRPOConfig with the bench's settings (equal to ours, see the module docstring)."""
     from trl import GRPOConfig
 
-    return GRPOConfig(
+    settings = dict(
         output_dir=str(out_dir), max_steps=args.pairs + 1, learning_rate=args.lr,
         per_device_train_batch_size=args.prompts * args.group, gradient_accumulation_steps=1,
         num_generations=args.group, max_completion_length=args.max_len, temperature=1.0, top_p=1.0, top_k=0,
         beta=args.beta, epsilon=0.2, epsilon_high=0.2, loss_type="grpo", num_iterations=1, scale_rewards="group",
         use_bias_correction_kl=False,  # TRL 1.16 defaults to weighting the KL by the ratio; GRPO does not
         # TRL 1.16 defaults to recomputing activations in backward; our stage's "auto" does not at these
-        # lengths, so both keep them (the runs before 2026-12-02 01:40 had TRL's default on).
+        # lengths, so both keep them (the runs before 2026-12-02 01:20 had TRL's default on).
         gradient_checkpointing=False,
         use_vllm=False, use_cpu=True, bf16=False, fp16=False, logging_steps=1, report_to=[], save_strategy="no",
         seed=0, dataloader_num_workers=0, disable_dropout=True, shuffle_dataset=True, lr_scheduler_type="constant",
-        **extra,
     )
+    return GRPOConfig(**(settings | extra))
 
 
 def alternate_callback(state, pairs: list[dict], trl_lengths: list[float]):
