@@ -92,6 +92,7 @@ bench-grpo: install
 	$(BIN)/python bench/grpo_vs_trl.py --pairs 10
 	$(BIN)/python bench/grpo_vs_trl.py --pairs 10 --hidden 256 --layers 4 --max-len 128 --out bench/results/grpo_vs_trl_h256.json
 	$(BIN)/python bench/grpo_vs_trl.py --case image --pairs 10
+	$(BIN)/python bench/grpo_vs_trl_zero3.py --pairs 10
 
 # The CRD lives twice: crds/ for kubectl, the chart's crds/ for Helm (a test checks both).
 crd: install

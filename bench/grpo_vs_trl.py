@@ -13,10 +13,18 @@ log-probs) to show the objective is the same.
 
     nice -n 10 .venv/bin/python bench/grpo_vs_trl.py [--pairs 12] [--case text|image]
 
-``--case image``: image prompts (a 56x56 image each, so each prompt's shared prefix holds
-its image tokens and the vision tower runs) on the tiny Qwen2.5-VL of the tests, our side
-only where TRL's vision path cannot run (TRL needs torchvision for Qwen2.5-VL's combined
-processor, which this machine's CPU wheel set lacks): the result file says so.
+Both sides also keep their activations (TRL 1.16 defaults ``gradient_checkpointing`` on;
+our stage's ``auto`` is off at these lengths). Per side, besides wall time, this process's
+CPU time (``process_time``): a pair's CPU-time ratio is less moved by other jobs on the
+machine than its wall-time ratio, though not immune (shared caches and cores).
+
+``--case image``: image prompts (one ``--image-size`` square image each, so each prompt's
+shared prefix holds its image tokens and the vision tower runs) on the tiny Qwen2.5-VL of
+the tests, on both sides. TRL's processing class is the model's saved processor (which
+needs torchvision for its video part: the ``bench`` extra pins it) with the same PIL image
+processor our side uses, so both see the same pixel values and prompt ids.
+
+The case on 2 CPU ranks under ZeRO-3 is ``bench/grpo_vs_trl_zero3.py``.
 """
 
 from __future__ import annotations
@@ -164,11 +172,12 @@ def alternate_callback(state, pairs: list[dict], trl_lengths: list[float]):
             ours_rng.set_state(torch.random.get_rng_state())
             torch.random.set_rng_state(theirs)
             pairs.append({"trl_seconds": trl_seconds, "trl_cpu_seconds": trl_cpu, "ours_seconds": stats["step_seconds"],
-                          "ours_cpu_seconds": ours_cpu, "ours_length": stats["completion_length_mean"]})
+                          "ours_cpu_seconds": ours_cpu, "ours_length": stats["completion_length_mean"],
+                          "ours_length_max": stats["completion_length_max"]})
 
         def on_log(self, _args, _state, _control, logs=None, **k):
             if logs and "completions/mean_length" in logs:
-                trl_lengths.append(logs["completions/mean_length"])
+                trl_lengths.append((logs["completions/mean_length"], logs.get("completions/max_length")))
 
     return Alternate()
 
@@ -186,8 +195,8 @@ def run_alternating(trl_model, processing_class, rows: list[dict], state, args, 
         callbacks=[alternate_callback(state, pairs, trl_lengths)],
     )
     trainer.train()
-    for pair, length in zip(pairs, trl_lengths):
-        pair["trl_length"] = length
+    for pair, (length, longest) in zip(pairs, trl_lengths):
+        pair["trl_length"], pair["trl_length_max"] = length, longest
     return trainer, pairs
 
 
@@ -340,6 +349,9 @@ def pair_summary(pairs: list[dict], completions: int) -> dict:
                     f"{side}_cpu_seconds": round(p[f"{side}_cpu_seconds"], 4),
                     f"{side}_tokens_per_s": round(tokens / p[f"{side}_seconds"], 1),
                     f"{side}_tokens_per_cpu_s": round(tokens / p[f"{side}_cpu_seconds"], 1)}
+        # the rollout decodes until the longest completion of the batch ends: a pair whose
+        # sides drew different longest completions did different amounts of work per token
+        row |= {f"{side}_length_max": p.get(f"{side}_length_max") for side in ("ours", "trl")}
         row["ratio_tokens_per_s"] = round(row["ours_tokens_per_s"] / row["trl_tokens_per_s"], 3)
         row["ratio_step_time"] = round(p["trl_seconds"] / p["ours_seconds"], 3)
         row["ratio_tokens_per_cpu_s"] = round(row["ours_tokens_per_cpu_s"] / row["trl_tokens_per_cpu_s"], 3)

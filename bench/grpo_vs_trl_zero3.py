@@ -127,8 +127,8 @@ def worker(args) -> int:
         callbacks=[EqualLoss(), one.alternate_callback(state, pairs, trl_lengths)],
     )
     trainer.train()
-    for pair, length in zip(pairs, trl_lengths):
-        pair["trl_length"] = length
+    for pair, (length, longest) in zip(pairs, trl_lengths):
+        pair["trl_length"], pair["trl_length_max"] = length, longest
     (tmp / f"rank{env.rank}.json").write_text(json.dumps({
         "pairs": pairs, "loss": loss, "trl_engine": type(trainer.model_wrapped).__module__,
         "trl_zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage,
