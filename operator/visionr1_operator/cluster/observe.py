@@ -26,8 +26,9 @@ from .naming import (
 )
 
 # "Starting": not suspended, but not all of its pods are up yet (waiting for GPUs, being
-# scheduled, pulling the image); "Running" once every pod is ready (or done).
-JobState = Literal["Pending", "Starting", "Running", "Suspended", "Succeeded", "Failed"]
+# scheduled, pulling the image); "Running" once every pod is ready (or done); "Finishing":
+# its pods have ended and the Job controller has yet to mark it Complete or Failed.
+JobState = Literal["Pending", "Starting", "Running", "Finishing", "Suspended", "Succeeded", "Failed"]
 FailureKind = Literal["bad-config", "disruption", "error"]
 _RULE_INDEX = re.compile(r"matching FailJob rule at index (\d+)")
 
@@ -79,7 +80,9 @@ def observe_job(job: Mapping[str, Any]) -> JobView:
         finished = true["Failed"].get("lastTransitionTime")
     elif spec.get("suspend"):
         state = "Suspended"
-    elif _pods_up(spec, status, true):
+    elif _finishing(spec, status, true):
+        state = "Finishing"
+    elif _pods_up(spec, status):
         state = "Running"
     elif status.get("active") or status.get("startTime"):
         state = "Starting"
@@ -104,28 +107,38 @@ def observe_job(job: Mapping[str, Any]) -> JobView:
     )
 
 
-def _pods_up(spec: Mapping[str, Any], status: Mapping[str, Any], true: Mapping[str, Any]) -> bool:
+def _finishing(spec: Mapping[str, Any], status: Mapping[str, Any], true: Mapping[str, Any]) -> bool:
+    """The attempt's pods have ended; the Job controller has not marked the Job Complete or Failed yet.
+
+    It first lists an ended pod in ``uncountedTerminatedPods`` (``active`` and ``ready``
+    0, ``succeeded`` not yet counted), removes the pod's tracking finalizer, then counts
+    it, and a Job whose pods are done carries ``SuccessCriteriaMet`` or ``FailureTarget``
+    before ``Complete`` or ``Failed``. Read as waiting for resources, every finished stage
+    went back to Pending for a status write of its own; read as running, a stage whose
+    pods ran between two of the Job's status updates was written Running a moment before
+    Succeeded. The reconcile leaves the stage's record as it is until the outcome.
+    """
+    if "SuccessCriteriaMet" in true or "FailureTarget" in true:
+        return True
+    if status.get("active"):
+        return False
+    want = spec.get("completions") or spec.get("parallelism") or 1
+    uncounted = (status.get("uncountedTerminatedPods") or {}).get("succeeded") or []
+    return bool(uncounted) or (status.get("succeeded") or 0) >= want
+
+
+def _pods_up(spec: Mapping[str, Any], status: Mapping[str, Any]) -> bool:
     """Every pod of the attempt is ready or done: the trainer runs, not waits for a node.
 
     ``status.ready`` counts pods whose Ready condition is true (the kubelet sets it once
     the containers run); ``active`` counts Pending pods as well, and ``startTime`` is
     set as soon as the Job controller creates them. An API server that reports no
     ``ready`` (before Kubernetes 1.29) is read from ``active`` as before.
-
-    A pod that has just ended is in neither count for a moment: the Job controller first
-    lists it in ``uncountedTerminatedPods``, removes its tracking finalizer, then counts
-    it (and a Job whose pods are done carries ``SuccessCriteriaMet`` or ``FailureTarget``
-    before ``Complete`` or ``Failed``). Those pods ran: read as waiting for resources,
-    every finished stage went back to Pending for a status write of its own.
     """
-    if "SuccessCriteriaMet" in true or "FailureTarget" in true:
-        return True
     if "ready" not in status:
         return bool(status.get("active"))
     want = spec.get("parallelism") or spec.get("completions") or 1
-    uncounted = status.get("uncountedTerminatedPods") or {}
-    done = (status.get("succeeded") or 0) + len(uncounted.get("succeeded") or [])
-    return (status.get("ready") or 0) + done >= want
+    return (status.get("ready") or 0) + (status.get("succeeded") or 0) >= want
 
 
 @dataclass(frozen=True)

@@ -228,6 +228,8 @@ def _track(
             out.status.eval = eval_table(report.summary)
     elif job.state == "Failed":
         _failed(record, plan, job, obs, settings, out, can_retry)
+    elif job.state == "Finishing":
+        return  # its pods have ended: the outcome follows within moments, recorded in one write
     else:
         # Running once every pod is up: a Job whose pods wait for a node is not running yet.
         record.state = "Running" if job.state == "Running" else "Pending"
