@@ -28,6 +28,7 @@ from ..plan import DEFAULT_TRAINER_IMAGE
 from .admission import Policy
 from .controller import OperatorConfig
 from .handlers import register
+from .login import login
 from .metrics import OperatorMetrics
 from .reconcile import ReconcileSettings
 
@@ -138,15 +139,18 @@ def use_kubeconfig(path: str) -> None:
     """Make kopf's login (through the kubernetes client) read ``path``.
 
     The client takes its default file from $KUBECONFIG when it is imported, which kopf
-    has done by now: set both, the environment for anything that reads it later.
+    has done by now: set both, the environment for anything that reads it later (kopf's
+    own reader, where the client is kept out: ``login.choose_login``).
     """
-    import kubernetes.config.kube_config
-
     os.environ["KUBECONFIG"] = path
-    kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION = path
+    if sys.modules.get("kubernetes") is not None:
+        import kubernetes.config.kube_config
+
+        kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION = path
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, lean_login: bool = False) -> int:
+    """``lean_login``: ``login.choose_login`` kept the kubernetes client out; ``login.login`` logs in."""
     args = parse_args(argv)
     if args.kubeconfig:
         use_kubeconfig(args.kubeconfig)
@@ -157,7 +161,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         metrics.serve(args.metrics_port)
     settings, options = kopf_options(args)
     memo = kopf.Memo(config=operator_config(args), metrics=metrics)
-    kopf.run(registry=register(kopf.get_default_registry()), settings=settings, memo=memo, **options)
+    registry = register(kopf.get_default_registry())
+    if lean_login:
+        kopf.on.login(registry=registry, id="login")(login)
+    kopf.run(registry=registry, settings=settings, memo=memo, **options)
     return 0
 
 
