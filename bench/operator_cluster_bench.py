@@ -71,10 +71,12 @@ def _epoch(stamp: str) -> float:
     return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
 
-def operator_writes(audit_log: Path) -> tuple[dict[str, list[float]], Counter, int]:
-    """The operator's writes from the audit log: times by run, counts by verb and resource."""
+def operator_writes(audit_log: Path) -> tuple[dict[str, list[float]], Counter, int, Counter]:
+    """The operator's writes from the audit log: times by run, counts by verb and resource,
+    and the refused ones by verb, resource and HTTP code (counted among the writes too)."""
     by_run: dict[str, list[float]] = defaultdict(list)
     counts: Counter = Counter()
+    refused: Counter = Counter()
     unattributed = 0
     with audit_log.open() as lines:
         for line in lines:
@@ -88,6 +90,9 @@ def operator_writes(audit_log: Path) -> tuple[dict[str, list[float]], Counter, i
                 continue
             resource = ref.get("resource", "") + (f"/{ref['subresource']}" if ref.get("subresource") else "")
             counts[f"{event['verb']} {resource}"] += 1
+            code = (event.get("responseStatus") or {}).get("code") or 0
+            if code >= 400:
+                refused[f"{event['verb']} {resource} {code}"] += 1
             name = ref.get("name") or ""
             if ref.get("resource") == "events":
                 name = ((event.get("requestObject") or {}).get("involvedObject") or {}).get("name", "")
@@ -99,7 +104,7 @@ def operator_writes(audit_log: Path) -> tuple[dict[str, list[float]], Counter, i
                 unattributed += 1
                 continue
             by_run[run].append(_epoch(event["requestReceivedTimestamp"]))
-    return by_run, counts, unattributed
+    return by_run, counts, unattributed, refused
 
 
 def bench(args: argparse.Namespace) -> dict:
@@ -124,9 +129,12 @@ def _measure(args: argparse.Namespace, plane: ControlPlane, work: Path) -> dict:
                                    up_to_seconds=args.stage_seconds + args.jitter, namespace=NAMESPACE))
     names = [f"run-{i:04d}" for i in range(args.runs)]
     health = free_port()
-    command = [sys.executable, "-m", "visionr1_operator", "--standalone", f"--kubeconfig={plane.kubeconfig}",
-               "--namespace", NAMESPACE, "--metrics-port=0", f"--health-port={health}",
-               "--progress-interval=3600"]
+    flags = ["--standalone", f"--kubeconfig={plane.kubeconfig}", "--namespace", NAMESPACE, "--metrics-port=0",
+             f"--health-port={health}", "--progress-interval=3600"]
+    command = [sys.executable, "-m", "visionr1_operator", *flags]
+    if args.tracemalloc:
+        command = [sys.executable, "-X", "tracemalloc=12", "-c", _TRACED.format(out=str(Path(args.tracemalloc))),
+                   *flags]
     log = (work / "operator.log").open("w")
     jobs = Watch(plane, f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs", project=_job_projection)
     runs = Watch(plane, f"/apis/visionr1.io/v1alpha1/namespaces/{NAMESPACE}/visionr1runs", project=_run_projection)
@@ -144,6 +152,7 @@ def _measure(args: argparse.Namespace, plane: ControlPlane, work: Path) -> dict:
                 plane.kubectl("create", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
                                                                      "items": items}))
             created = time.monotonic()
+            traced_at = created + 5.0 if args.tracemalloc else None  # every run is active then
             deadline = started + args.timeout
             done = 0
             while time.monotonic() < deadline:
@@ -152,6 +161,9 @@ def _measure(args: argparse.Namespace, plane: ControlPlane, work: Path) -> dict:
                 if done == len(names):
                     break
                 plane.check_alive()
+                if traced_at is not None and time.monotonic() >= traced_at:
+                    operator.send_signal(signal.SIGUSR1)
+                    traced_at = None
                 time.sleep(0.5)
             finished = time.monotonic()
             time.sleep(2.0)  # the last status patches and Events land in the audit log
@@ -168,6 +180,31 @@ def _measure(args: argparse.Namespace, plane: ControlPlane, work: Path) -> dict:
     result["cpu_seconds"] = {"operator": round(cpu.user + cpu.system, 1)}
     result["watch_reconnects"] = jobs.reconnects + runs.reconnects
     return result
+
+
+# ``--tracemalloc``: the operator as deployed, traced; SIGUSR1 writes where its Python memory is.
+_TRACED = """
+import runpy, signal, sys, tracemalloc
+
+def dump(*_):
+    snapshot = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
+    current, peak = tracemalloc.get_traced_memory()
+    with open({out!r}, "w") as out:
+        print(f"traced now {{current / 2**20:.1f}} MiB, peak {{peak / 2**20:.1f}} MiB", file=out)
+        for title, key, n in (("by file", "filename", 40), ("by line", "lineno", 60)):
+            print(f"--- {{title}}", file=out)
+            for stat in snapshot.statistics(key)[:n]:
+                print(f"{{stat.size / 2**20:8.2f}} MiB {{stat.count:8d}} {{stat.traceback}}", file=out)
+        print("--- by traceback (8 frames)", file=out)
+        for stat in snapshot.statistics("traceback")[:25]:
+            print(f"{{stat.size / 2**20:8.2f}} MiB {{stat.count:8d}}", file=out)
+            for line in stat.traceback.format()[-16:]:
+                print("    " + line, file=out)
+
+signal.signal(signal.SIGUSR1, dump)
+sys.argv = ["visionr1_operator", *sys.argv[1:]]
+runpy.run_module("visionr1_operator", run_name="__main__", alter_sys=True)
+"""
 
 
 def _wait_healthy(port: int, operator: subprocess.Popen) -> None:
@@ -200,7 +237,7 @@ def summarize(args, names, job_events, audit_log: Path, memory, idle, started, c
             added.setdefault(event.name, event.wall)
         if event.obj.get("complete"):
             complete.setdefault(event.name, event.wall)
-    writes_by_run, counts, unattributed = operator_writes(audit_log)
+    writes_by_run, counts, unattributed, refused = operator_writes(audit_log)
     for times in writes_by_run.values():
         times.sort()
     latencies, per_transition = [], []
@@ -244,6 +281,9 @@ def summarize(args, names, job_events, audit_log: Path, memory, idle, started, c
             "end": round(memory[-1], 1) if memory else None,
         },
         "operator_writes": dict(sorted(counts.items())),
+        # kopf's finalizer patches are JSON patches that test metadata.resourceVersion: a 422
+        # is one that lost the race to a write of the same run in between (kopf retries it).
+        "operator_writes_refused": dict(sorted(refused.items())),
         "python": sys.version.split()[0],
         "cpus": os.cpu_count(),
         "load_average_at_end": [round(x, 1) for x in os.getloadavg()],
@@ -256,4 +296,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--gpus-per-node", type=int, default=64, help="nvidia.com/gpu of each fake node")
     group.add_argument("--controller-qps", type=int, default=200,
                        help="kube-controller-manager's client rate (its default, 20, throttles the Job controller)")
+    group.add_argument("--tracemalloc", metavar="FILE",
+                       help="trace the operator's Python allocations; 5 s after every run is created write "
+                            "where its memory is to FILE (slows the operator: not for the figures)")
     group.add_argument("--keep-dir", help="keep the control plane's logs, the audit log and the operator's log here")
