@@ -14,6 +14,8 @@ from visionr1_trainer.models.tiny import build_tokenizer
 from visionr1_trainer.results import ResultsError, model_figures, reasoning_text, run_results
 
 ROOT = Path(__file__).resolve().parents[1]
+# The base model's pretraining (visionr1_trainer.pretrain) at a few steps.
+SMALL_PRETRAINING = {"samples": 16, "steps": 3, "batch_size": 4, "check_samples": 4}
 
 
 def test_reasoning_text_is_inside_think_even_when_cut_off():
@@ -33,7 +35,28 @@ def test_figures_count_think_tokens_with_the_models_tokenizer(tmp_path):
     think = [len(tok("Wait, let me check.", add_special_tokens=False)["input_ids"]),
              len(tok("Wait, wait", add_special_tokens=False)["input_ids"])]
     assert figures == {"accuracy": 0.5, "reasoning_tokens": sum(think) / 2, "completion_tokens": 16.0,
-                       "clipped_ratio": 0.5, "n": 2, "format_failure_rate": 0.5}
+                       "clipped_ratio": 0.5, "perception": None, "n": 2, "format_failure_rate": 0.5}
+
+
+def test_perception_is_the_first_larger_claim_whatever_the_final_answer():
+    from visionr1_trainer.data.reflect import first_claim
+    from visionr1_trainer.results import perception
+
+    choices = ["red", "green", "blue", "yellow"]
+    records = [
+        # saw red, talked itself round to green: perceived right, answered wrong
+        {"completion": "<think>I see a red circle and a green square. The red circle is larger. Wait, actually "
+                       "the green square looks larger. So the answer is green, (B).</think>",
+         "ground_truth": "A", "choices": choices},
+        # the pretrained base model's direct answer
+        {"completion": "The largest shape is the blue square; the red circle is smaller. The answer is (C).",
+         "ground_truth": "C", "choices": choices},
+        {"completion": "So the answer is red, (A).", "ground_truth": "A", "choices": choices},  # no claim
+        {"completion": "<think>The yellow triangle is larger.</think>", "ground_truth": "A", "choices": choices},
+    ]
+    assert [first_claim(r["completion"]) for r in records] == ["red", "blue", None, "yellow"]
+    assert perception(records) == 0.5
+    assert perception([{"completion": "5", "ground_truth": "5", "choices": None}]) is None
 
 
 def test_a_run_without_eval_results_says_so(tmp_path):
@@ -69,7 +92,7 @@ def test_same_seed_same_figures(tmp_path):
     from visionr1_operator.manifest import load_run
     from visionr1_trainer.demo import prepare
 
-    inputs = prepare(tmp_path / "inputs", n=16, seed=0, n_eval=8)
+    inputs = prepare(tmp_path / "inputs", n=16, seed=0, n_eval=8, pretraining=SMALL_PRETRAINING)
     figures = []
     for name in ("first", "second"):
         run = with_local_storage(load_run(micro_manifest(tmp_path, inputs, name)), None)

@@ -10,6 +10,10 @@ not a re-run:
   scored model's own tokenizer, the paper's "average reasoning length";
 * ``completion_tokens``: mean completion length in tokens (what the sampler returned);
 * ``clipped_ratio``: share of completions that hit the token budget;
+* ``perception`` (multiple-choice records): share whose first claim of which shape is
+  larger (``data.reflect.first_claim``) names the right option, whatever the final
+  answer: what the model saw before its reflection; a completion with no claim counts
+  as wrong (the ``largest`` task's measure; None for records without choices);
 * ``n``, ``format_failure_rate``.
 
 ``visionr1 report`` writes them as ``report/results.json`` (``{"models": {label:
@@ -45,6 +49,21 @@ def _tokenizer(model_dir: str, cache: dict):
     return cache[model_dir]
 
 
+def perception(records: list[dict]) -> float | None:
+    """Share of records whose first "larger" claim names the right option (see the docstring)."""
+    from .data.reflect import first_claim
+
+    if not records or not all(r.get("choices") for r in records):
+        return None
+    right = 0
+    for r in records:
+        letters = "ABCDEFGH"[:len(r["choices"])]
+        truth = r.get("ground_truth")
+        if truth in letters:
+            right += first_claim(r.get("completion") or "") == r["choices"][letters.index(truth)]
+    return round(right / len(records), 4)
+
+
 def model_figures(records: list[dict], summary: dict, tokenizer) -> dict[str, Any]:
     """One (benchmark, model) unit's figures from its records and its summary."""
     n = len(records)
@@ -57,6 +76,7 @@ def model_figures(records: list[dict], summary: dict, tokenizer) -> dict[str, An
         "reasoning_tokens": round(sum(reasoning) / n, 2),
         "completion_tokens": round(sum(r.get("tokens") or 0 for r in records) / n, 2),
         "clipped_ratio": round(sum(bool(r.get("truncated")) for r in records) / n, 4),
+        "perception": perception(records),
         "n": n,
         "format_failure_rate": summary.get("formatFailureRate"),
     }

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import zlib
 from typing import Any
 
@@ -156,3 +157,19 @@ def reason_largest(scene: dict[str, Any]) -> tuple[str, str]:
     letter = LETTERS[COLOR_CHOICES.index(cur)]
     parts.append(f"So the answer is {cur}, ({letter}).")
     return " ".join(parts), letter
+
+
+# The first colour a completion calls larger: the teacher's (and a cold-started model's)
+# opening claim "The red circle is larger.", or the pretrained base model's direct
+# answer "The largest shape is the red circle".
+_CLAIM = re.compile(r"(?:The ({c}) (?:{s}) is larger|largest shape is the ({c}))".format(
+    c="|".join(COLOR_CHOICES), s="|".join(SHAPES)))
+
+
+def first_claim(text: str) -> str | None:
+    """The colour a completion first calls the larger shape's, or None if it never does.
+
+    What the model *saw*, before any reflection talks it round: its perception.
+    """
+    match = _CLAIM.search(text or "")
+    return None if match is None else (match.group(1) or match.group(2))
