@@ -52,7 +52,7 @@ DEMO_INPUTS = "file://./runs/default/tiny-cpu/inputs"
 CI_MODEL = "file://./runs/default/ablation-ci/sft"
 DEFAULT_OUT = ROOT / "bench" / "results" / "ablation.json"
 FIGURE = ROOT / "docs" / "images" / "ablation.png"
-FIGURES = ("accuracy", "reasoning_tokens", "completion_tokens", "clipped_ratio")
+FIGURES = ("accuracy", "reasoning_tokens", "completion_tokens", "clipped_ratio", "perception")
 
 # The paper's ablation (Vision-R1 paper, Tables 4 and 5): average reasoning length in
 # tokens and average score over MathVista, MathVerse and MM-Math.
@@ -145,12 +145,18 @@ def aggregate(seeds: dict[str, dict]) -> dict:
     out = {}
     done = [s for s in seeds.values() if "accuracy" in s]
     for key in FIGURES:
-        values = [s[key] for s in done]
+        values = [s[key] for s in done if s.get(key) is not None]
         if values:
             out[key] = {"mean": round(statistics.fmean(values), 4), "min": min(values), "max": max(values),
                         "stdev": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0}
     out["seeds_done"] = len(done)
     return out
+
+
+def base_figures(data: dict) -> dict[str, dict]:
+    """Per seed, the pretrained base model's figures (scored by the zero row, which starts from it)."""
+    seeds = (data["rows"].get("zero") or {}).get("seeds") or {}
+    return {seed: run["models"]["base"] for seed, run in seeds.items() if "base" in (run.get("models") or {})}
 
 
 def load_results(path: Path) -> dict:
@@ -215,23 +221,64 @@ def sweep(rows: list[str], seeds: int, out: Path, work: Path, log=print, force: 
     return data
 
 
+def _span(values: list[float], scale: float = 1.0, fmt: str = "{:.1f}", unit: str = "") -> str:
+    if not values:
+        return ""
+    v = [scale * x for x in values]
+    return f"{fmt.format(statistics.fmean(v))}{unit} ({fmt.format(min(v))}-{fmt.format(max(v))})"
+
+
 def markdown_table(data: dict) -> str:
     lines = ["| row | paper: reasoning length | paper: avg score | seeds | accuracy mean (min-max) | "
-             "reasoning tokens mean (min-max) | completion tokens mean | clipped ratio mean |",
-             "|---|---|---|---|---|---|---|---|"]
+             "reasoning tokens mean (min-max) | completion tokens mean | clipped ratio mean | perception mean (min-max) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    base = list(base_figures(data).values())
+    if base:
+        lines.append(f"| base (pretrained, no RL) | - | - | {len(base)} | "
+                     f"{_span([b['accuracy'] for b in base], 100, unit='%')} | "
+                     f"{_span([b['reasoning_tokens'] for b in base])} | "
+                     f"{statistics.fmean(b['completion_tokens'] for b in base):.1f} | "
+                     f"{statistics.fmean(b['clipped_ratio'] for b in base):.3f} | "
+                     f"{_span([b['perception'] for b in base if b.get('perception') is not None], 100, unit='%')} |")
     for row in ROWS:
         entry = data["rows"].get(row)
         paper = PAPER[row]
         if not entry or not entry.get("summary", {}).get("seeds_done"):
-            lines.append(f"| {row} | {paper['reasoning_tokens'] or '-'} | {paper['score']} | 0 | not run | | | |")
+            lines.append(f"| {row} | {paper['reasoning_tokens'] or '-'} | {paper['score']} | 0 | not run | | | | |")
             continue
         s = entry["summary"]
         acc, rea = s["accuracy"], s["reasoning_tokens"]
+        per = s.get("perception")
         lines.append(
             f"| {row} | {paper['reasoning_tokens'] or '-'} | {paper['score']} | {s['seeds_done']} | "
             f"{100 * acc['mean']:.1f}% ({100 * acc['min']:.1f}-{100 * acc['max']:.1f}) | "
             f"{rea['mean']:.1f} ({rea['min']:.1f}-{rea['max']:.1f}) | {s['completion_tokens']['mean']:.1f} | "
-            f"{s['clipped_ratio']['mean']:.3f} |")
+            f"{s['clipped_ratio']['mean']:.3f} | "
+            + (f"{100 * per['mean']:.1f}% ({100 * per['min']:.1f}-{100 * per['max']:.1f})" if per else "") + " |")
+    return "\n".join(lines)
+
+
+def per_seed_table(data: dict) -> str:
+    """Accuracy, reasoning tokens and wall time of every row and seed."""
+    seeds = sorted({int(k) for e in data["rows"].values() for k in (e.get("seeds") or {})})
+    lines = ["| row | " + " | ".join(f"seed {k}" for k in seeds) + " |", "|---|" + "---|" * len(seeds)]
+    base = base_figures(data)
+    if base:
+        lines.append("| base | " + " | ".join(
+            f"{100 * base[str(k)]['accuracy']:.1f}%, {base[str(k)]['reasoning_tokens']:.1f}" if str(k) in base
+            else "not run" for k in seeds) + " |")
+    for row in ROWS:
+        runs = (data["rows"].get(row) or {}).get("seeds") or {}
+        cells = []
+        for k in seeds:
+            run = runs.get(str(k))
+            if not run:
+                cells.append("not run")
+            elif "accuracy" not in run:
+                cells.append("failed")
+            else:
+                cells.append(f"{100 * run['accuracy']:.1f}%, {run['reasoning_tokens']:.1f} ({run['wall_seconds']:.0f} s)")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -260,6 +307,10 @@ def figure(data: dict, path: Path = FIGURE) -> Path:
             paper.annotate(p["label"], (p["reasoning_tokens"], p["score"]), fontsize=8,
                            xytext=(4, 4), textcoords="offset points")
     ours.axhline(25, color="grey", lw=0.8, ls="--", label="chance (4 options)")
+    base = list(base_figures(data).values())
+    if base:
+        ours.axhline(100 * statistics.fmean(b["accuracy"] for b in base), color="black", lw=0.8, ls=":",
+                     label=f"pretrained base, direct answers (n={len(base)})")
     ours.set(title="This project, toy task (mean, min-max over seeds)", xlabel="mean reasoning tokens (<think>)",
              ylabel="held-out accuracy (%)")
     ours.legend(fontsize=8)
@@ -308,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(markdown_table(data))
+    print()
+    print(per_seed_table(data))
     print(f"figure: {figure(data)}")
     failures = (data.get("runs") or [{}])[-1].get("failures") if not args.figure else None
     return 1 if failures else 0

@@ -107,6 +107,18 @@ def test_summary_table_and_figure(tmp_path, monkeypatch):
     table = ablation.markdown_table(data)
     assert "| ptst | 2057 | 55.4 | 3 | 60.0% (50.0-70.0) | 50.0 (40.0-60.0) |" in table
     assert "| ci | 3566 | 44.5 | 0 | not run |" in table
+    assert "base (pretrained" not in table  # the zero row did not run: no base line
+    data["rows"]["zero"] = {"seeds": {"0": {**seeds["0"], "wall_seconds": 5.0, "models": {
+        "base": {"accuracy": 0.8, "reasoning_tokens": 0.0, "completion_tokens": 30.0, "clipped_ratio": 0.0,
+                 "perception": 0.85}}}}}
+    data["rows"]["zero"]["summary"] = ablation.aggregate(data["rows"]["zero"]["seeds"])
+    table = ablation.markdown_table(data)
+    assert "| base (pretrained, no RL) | - | - | 1 | 80.0% (80.0-80.0) | 0.0 (0.0-0.0) | 30.0 | 0.000 | 85.0% (85.0-85.0) |" in table
+    for k in seeds:
+        seeds[k]["wall_seconds"] = 10.0
+    per_seed = ablation.per_seed_table(data)
+    assert "| base | 80.0%, 0.0 | not run | not run | not run |" in per_seed
+    assert "| ptst | 50.0%, 60.0 (10 s) | 70.0%, 40.0 (10 s) | 60.0%, 50.0 (10 s) | failed |" in per_seed
     path = ablation.figure(data, tmp_path / "fig.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
 

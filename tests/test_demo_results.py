@@ -34,8 +34,18 @@ def test_figures_count_think_tokens_with_the_models_tokenizer(tmp_path):
     figures = model_figures(records, {"accuracy": 0.5, "formatFailureRate": 0.5}, tok)
     think = [len(tok("Wait, let me check.", add_special_tokens=False)["input_ids"]),
              len(tok("Wait, wait", add_special_tokens=False)["input_ids"])]
-    assert figures == {"accuracy": 0.5, "reasoning_tokens": sum(think) / 2, "completion_tokens": 16.0,
-                       "clipped_ratio": 0.5, "perception": None, "n": 2, "format_failure_rate": 0.5}
+    assert figures == {"accuracy": 0.5, "standard_error": 0.3536, "reasoning_tokens": sum(think) / 2,
+                       "completion_tokens": 16.0, "clipped_ratio": 0.5, "perception": None, "n": 2,
+                       "format_failure_rate": 0.5}
+
+
+def test_paired_difference_counts_only_the_items_that_differ():
+    from visionr1_trainer.results import paired_difference
+
+    a = [{"id": str(i), "correct": c} for i, c in enumerate([True, False, False, True])]
+    b = [{"id": str(i), "correct": c} for i, c in enumerate([True, True, True, False])]
+    # d = 0, 1, 1, -1: mean 0.25, sample variance 0.9167, se sqrt(0.9167 / 4)
+    assert paired_difference(a, b) == {"difference": 0.25, "standard_error": 0.4787, "n": 4}
 
 
 def test_perception_is_the_first_larger_claim_whatever_the_final_answer():

@@ -14,6 +14,7 @@ not a re-run:
   larger (``data.reflect.first_claim``) names the right option, whatever the final
   answer: what the model saw before its reflection; a completion with no claim counts
   as wrong (the ``largest`` task's measure; None for records without choices);
+* ``standard_error``: of the accuracy, sqrt(p (1 - p) / n) (the held-out sample's noise);
 * ``n``, ``format_failure_rate``.
 
 ``visionr1 report`` writes them as ``report/results.json`` (``{"models": {label:
@@ -71,8 +72,10 @@ def model_figures(records: list[dict], summary: dict, tokenizer) -> dict[str, An
         raise ResultsError("no records")
     reasoning = [len(tokenizer(reasoning_text(r.get("completion") or ""), add_special_tokens=False)["input_ids"])
                  for r in records]
+    accuracy = summary["accuracy"]
     return {
-        "accuracy": round(summary["accuracy"], 4),
+        "accuracy": round(accuracy, 4),
+        "standard_error": round((accuracy * (1 - accuracy) / n) ** 0.5, 4),
         "reasoning_tokens": round(sum(reasoning) / n, 2),
         "completion_tokens": round(sum(r.get("tokens") or 0 for r in records) / n, 2),
         "clipped_ratio": round(sum(bool(r.get("truncated")) for r in records) / n, 4),
@@ -106,6 +109,21 @@ def run_results(run_dir: str | Path) -> dict[str, Any]:
         raise ResultsError(f"{results / 'summary.json'}: no benchmark was scored")
     first = next(iter(table))
     return {"benchmark": first, "models": table[first], "benchmarks": table}
+
+
+def paired_difference(records_a: list[dict], records_b: list[dict]) -> dict[str, float]:
+    """Accuracy of b minus a on the same items, with the paired standard error.
+
+    Both models answered the same held-out items, so the difference's noise is that of
+    the per-item differences (d_i in {-1, 0, 1}): sqrt(var(d) / n).
+    """
+    a = {r["id"]: bool(r.get("correct")) for r in records_a}
+    d = [int(bool(r.get("correct"))) - int(a[r["id"]]) for r in records_b if r["id"] in a]
+    if not d:
+        raise ResultsError("no items in common")
+    mean = sum(d) / len(d)
+    var = sum((x - mean) ** 2 for x in d) / max(1, len(d) - 1)
+    return {"difference": round(mean, 4), "standard_error": round((var / len(d)) ** 0.5, 4), "n": len(d)}
 
 
 def write_results(run_dir: str | Path, out: str | Path) -> Path:
