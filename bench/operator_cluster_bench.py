@@ -107,6 +107,56 @@ def operator_writes(audit_log: Path) -> tuple[dict[str, list[float]], Counter, i
     return by_run, counts, unattributed, refused
 
 
+_JOB_PODS = re.compile(r"job-name(?:%3D|=)([a-z0-9-]+)")
+
+
+def operator_steps(audit_log: Path) -> dict[tuple[str, str], tuple[float, float]]:
+    """When the API server received and finished the operator's requests of a transition:
+    (step, object) -> (received, done), for its pod listing of a finished Job (by the Job's
+    name), and its creates of the next attempt's ConfigMap and Job."""
+    steps: dict[tuple[str, str], tuple[float, float]] = {}
+    with audit_log.open() as lines:
+        for line in lines:
+            event = json.loads(line)
+            if event.get("stage") != "ResponseComplete" or not str(event.get("userAgent", "")).startswith("kopf"):
+                continue
+            ref, verb = event.get("objectRef") or {}, event.get("verb")
+            if verb == "list" and ref.get("resource") == "pods":
+                match = _JOB_PODS.search(event.get("requestURI", ""))
+                key = ("list pods", match.group(1)) if match else None
+            elif verb == "create" and ref.get("resource") in ("configmaps", "jobs") and ref.get("name"):
+                key = (f"create {ref['resource']}", ref["name"])
+            else:
+                key = None
+            if key is not None and key not in steps:
+                steps[key] = (_epoch(event["requestReceivedTimestamp"]), _epoch(event["stageTimestamp"]))
+    return steps
+
+
+def step_breakdown(transitions: list[tuple[float, str, str, float]], steps: dict) -> dict:
+    """Where a transition's time goes, p50/p99 of each step (seconds), from the watch events
+    (Complete, ADDED) and the audit log: the operator's reaction (Complete -> it lists the
+    finished Job's pods: the watch event's delivery, kopf, the wake-up), the API server's
+    answer to that listing, the operator's decision and the ConfigMap it builds (listing
+    done -> ConfigMap create received), the API server's create, the operator again (->
+    Job create received), the API server's create of the Job, and its ADDED event's delivery."""
+    names = ("reaction (Complete -> pod list received)", "pod list (API server)",
+             "decide + build (pod list done -> ConfigMap create received)", "ConfigMap create (API server)",
+             "ConfigMap done -> Job create received", "Job create (API server)", "Job ADDED delivered")
+    parts: dict[str, list[float]] = {n: [] for n in names}
+    for t0, done_job, next_job, t1 in transitions:
+        pods, cm, job = (steps.get(("list pods", done_job)), steps.get(("create configmaps", next_job)),
+                         steps.get(("create jobs", next_job)))
+        if not (pods and cm and job) or not (t0 <= pods[0] <= cm[0] <= job[0]):
+            continue
+        for name, value in zip(names, (pods[0] - t0, pods[1] - pods[0], cm[0] - pods[1], cm[1] - cm[0],
+                                       job[0] - cm[1], job[1] - job[0], t1 - job[1])):
+            parts[name].append(value)
+    return {"transitions": len(parts[names[0]]),
+            **{n: {"p50": round(percentile(v, 50), 3), "p99": round(percentile(v, 99), 3)} for n, v in parts.items()
+               if v}}
+
+
 def bench(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="operator-cluster-bench-") as tmp:
         work = Path(args.keep_dir) if args.keep_dir else Path(tmp)
@@ -166,6 +216,10 @@ def _measure(args: argparse.Namespace, plane: ControlPlane, work: Path) -> dict:
                     traced_at = None
                 time.sleep(0.5)
             finished = time.monotonic()
+            if args.tracemalloc:  # and once more at the end, beside it
+                if os.path.exists(args.tracemalloc):
+                    os.rename(args.tracemalloc, f"{args.tracemalloc}.start")
+                operator.send_signal(signal.SIGUSR1)
             time.sleep(2.0)  # the last status patches and Events land in the audit log
             cpu = process.cpu_times()
         finally:
@@ -240,7 +294,7 @@ def summarize(args, names, job_events, audit_log: Path, memory, idle, started, c
     writes_by_run, counts, unattributed, refused = operator_writes(audit_log)
     for times in writes_by_run.values():
         times.sort()
-    latencies, per_transition = [], []
+    latencies, per_transition, transitions = [], [], []
     for run in names:
         for n in range(len(STAGES) - 1):
             done, nxt = f"{run}-{STAGES[n]}-1", f"{run}-{STAGES[n + 1]}-1"
@@ -248,6 +302,7 @@ def summarize(args, names, job_events, audit_log: Path, memory, idle, started, c
             if t0 is None or t1 is None:
                 continue
             latencies.append(t1 - t0)
+            transitions.append((t0, done, nxt, t1))
             end = complete.get(nxt, float("inf"))
             per_transition.append(sum(1 for t in writes_by_run.get(run, []) if t0 <= t < end))
     total_writes = sum(len(w) for w in writes_by_run.values())
@@ -275,6 +330,7 @@ def summarize(args, names, job_events, audit_log: Path, memory, idle, started, c
             "p99": round(percentile(latencies, 99), 3) if latencies else None,
             "max": round(max(latencies), 3) if latencies else None,
         },
+        "transition_steps_seconds": step_breakdown(transitions, operator_steps(audit_log)),
         "operator_rss_mib": {
             "idle": round(idle, 1),
             "peak": round(max(memory), 1) if memory else None,
@@ -297,6 +353,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--controller-qps", type=int, default=200,
                        help="kube-controller-manager's client rate (its default, 20, throttles the Job controller)")
     group.add_argument("--tracemalloc", metavar="FILE",
-                       help="trace the operator's Python allocations; 5 s after every run is created write "
-                            "where its memory is to FILE (slows the operator: not for the figures)")
+                       help="trace the operator's Python allocations; write where its memory is 5 s after "
+                            "every run is created (FILE.start) and at the end (FILE); slows the operator: not for "
+                            "the figures")
     group.add_argument("--keep-dir", help="keep the control plane's logs, the audit log and the operator's log here")

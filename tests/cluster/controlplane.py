@@ -302,9 +302,12 @@ class ControlPlane:
         if not self.audit:
             return []
         policy = self.cluster_dir / "audit-policy.yaml"
-        # Writes only; Events with their body (it names the object an Event is about).
+        # Writes, and pod listings (the operator reads a finished attempt's pods before it
+        # starts the next: a step of a transition); Events with their body (it names the
+        # object an Event is about).
         policy.write_text(
             "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n"
+            "- level: Metadata\n  verbs: [list]\n  resources: [{group: \"\", resources: [pods]}]\n"
             "- level: None\n  verbs: [get, list, watch]\n"
             "- level: Request\n  resources: [{group: \"\", resources: [events]}]\n"
             "- level: Metadata\n")
