@@ -384,7 +384,9 @@ def parse_args(argv=None):
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=56, help="image side in pixels (--case image)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: one per core)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (0: one per core). 1 by default: on a shared machine two threads "
+                             "per process spin-wait against other jobs and single pairs swing (BENCHMARKS.md)")
     parser.add_argument("--out", default=None, help="default: bench/results/grpo_vs_trl[_<case>].json")
     return parser.parse_args(argv)
 
