@@ -15,7 +15,9 @@ of rendered images (``pretrain``, never the training, RL or eval split):
 No reasoning, no ``<think>``, no reflection: what cold-start SFT teaches is left to it.
 A fixed number of steps (``PRETRAIN``), the same for every seed and every row, with
 the seed fixing the images' order and the initial weights: deterministic per seed on a
-machine. ``perception`` (the share of held-out images, split ``pretrain-check``, whose
+machine (one CPU thread, whatever the machine's cores: the sums' order, hence the
+weights, do not depend on them, and a thread does not spin against the other
+processes of a loaded machine). ``perception`` (the share of held-out images, split ``pretrain-check``, whose
 larger shape's colour the model ranks first after "The largest shape is the") is
 written with the settings to ``base-model/pretraining.json``.
 """
@@ -33,7 +35,7 @@ from .data import reflect
 # The base model's pretraining (issue 15's experiments: 600 steps of 16 at 2e-3 gave
 # 88% perception on seed 0; 300 steps 35%, answers alone without captions 23-35%).
 PRETRAIN = {"samples": 2048, "steps": 600, "batch_size": 16, "learning_rate": 2.0e-3, "warmup_steps": 20,
-            "check_samples": 128, "version": 1}
+            "check_samples": 128, "version": 2}
 INFO = "pretraining.json"
 
 
@@ -130,15 +132,26 @@ def pretrain(model_dir: str | Path, seed: int, work: str | Path, overrides: dict
     """Pretrain the tiny model saved in ``model_dir`` in place (see the module docstring)."""
     import torch
 
+    model_dir, images = Path(model_dir), Path(work)
+    images.mkdir(parents=True, exist_ok=True)
+    cfg = settings(seed, overrides)
+    start = time.monotonic()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _pretrain(model_dir, images, seed, cfg, start, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pretrain(model_dir: Path, images: Path, seed: int, cfg: dict[str, Any], start: float, log) -> dict[str, Any]:
+    import torch
+
     from .models.loading import load_vlm
     from .sft.batches import collate, load_group
     from .sft.data import encode_example
     from .sft.train import token_loss_sum
 
-    model_dir, images = Path(model_dir), Path(work)
-    images.mkdir(parents=True, exist_ok=True)
-    cfg = settings(seed, overrides)
-    start = time.monotonic()
     model, tokenizer, image_processor = load_vlm(str(model_dir), dtype="float32")
     groups = [load_group([encode_example(e, tokenizer, image_processor, 512)], image_processor)
               for e in _examples(seed, cfg["samples"], images)]
