@@ -132,6 +132,7 @@ def worker(args) -> int:
     (tmp / f"rank{env.rank}.json").write_text(json.dumps({
         "pairs": pairs, "loss": loss, "trl_engine": type(trainer.model_wrapped).__module__,
         "trl_zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage,
+        "trl_processes": trainer.accelerator.num_processes, "trl_train_batch": trainer.args.world_size * per_rank,
         "ours": engine.describe(), "threads": torch.get_num_threads(),
     }))
     barrier(env)
@@ -178,6 +179,7 @@ def launch(args, argv: list[str]) -> dict:
         "niceness": os.nice(0),
         "settings": vars(args) | {"completions_per_step": completions},
         "ours_engine": r0["ours"], "trl_engine": r0["trl_engine"], "trl_zero_stage": r0["trl_zero_stage"],
+        "trl_processes": r0["trl_processes"], "trl_train_batch": r0["trl_train_batch"],
         **summary,
         "goal_1_3x": one.goal_verdict(summary),
         "loss_on_equal_inputs": {"rank0": r0["loss"], "rank1": r1["loss"]},
