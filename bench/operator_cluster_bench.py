@@ -182,8 +182,10 @@ def _measure(args: argparse.Namespace, plane: ControlPlane, work: Path) -> dict:
     flags = ["--standalone", f"--kubeconfig={plane.kubeconfig}", "--namespace", NAMESPACE, "--metrics-port=0",
              f"--health-port={health}", "--progress-interval=3600"]
     command = [sys.executable, "-m", "visionr1_operator", *flags]
+    if args.profile:  # operator_bench.py's --profile: cProfile's stats, written when the operator exits
+        command = [sys.executable, "-m", "cProfile", "-o", args.profile, "-m", "visionr1_operator", *flags]
     if args.tracemalloc:
-        command = [sys.executable, "-X", "tracemalloc=12", "-c", _TRACED.format(out=str(Path(args.tracemalloc))),
+        command = [sys.executable, "-X", "tracemalloc=12", "-c", _TRACED.format(out=repr(str(Path(args.tracemalloc)))),
                    *flags]
     log = (work / "operator.log").open("w")
     jobs = Watch(plane, f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs", project=_job_projection)
@@ -196,13 +198,16 @@ def _measure(args: argparse.Namespace, plane: ControlPlane, work: Path) -> dict:
             _wait_healthy(health, operator)
             time.sleep(2.0)
             idle = process.memory_info().rss / 2**20
+            if args.tracemalloc:
+                operator.send_signal(signal.SIGUSR1)  # snapshot 1: idle
+                time.sleep(3.0)
             started = time.monotonic()
             for chunk in range(0, len(names), 50):
                 items = [run_manifest(n, namespace=NAMESPACE) for n in names[chunk:chunk + 50]]
                 plane.kubectl("create", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
                                                                      "items": items}))
             created = time.monotonic()
-            traced_at = created + 5.0 if args.tracemalloc else None  # every run is active then
+            traced_at = created + 5.0 if args.tracemalloc else None  # snapshot 2: every run is active
             deadline = started + args.timeout
             done = 0
             while time.monotonic() < deadline:
@@ -216,10 +221,9 @@ def _measure(args: argparse.Namespace, plane: ControlPlane, work: Path) -> dict:
                     traced_at = None
                 time.sleep(0.5)
             finished = time.monotonic()
-            if args.tracemalloc:  # and once more at the end, beside it
-                if os.path.exists(args.tracemalloc):
-                    os.rename(args.tracemalloc, f"{args.tracemalloc}.start")
+            if args.tracemalloc:  # snapshot 3: the end
                 operator.send_signal(signal.SIGUSR1)
+                time.sleep(10.0)
             time.sleep(2.0)  # the last status patches and Events land in the audit log
             cpu = process.cpu_times()
         finally:
@@ -236,24 +240,16 @@ def _measure(args: argparse.Namespace, plane: ControlPlane, work: Path) -> dict:
     return result
 
 
-# ``--tracemalloc``: the operator as deployed, traced; SIGUSR1 writes where its Python memory is.
+# ``--tracemalloc``: the operator as deployed, traced; each SIGUSR1 writes a snapshot of
+# its Python memory (FILE.1.snap, FILE.2.snap, ...: tracemalloc.Snapshot.load, compare_to).
 _TRACED = """
 import runpy, signal, sys, tracemalloc
 
+taken = [0]
+
 def dump(*_):
-    snapshot = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
-    current, peak = tracemalloc.get_traced_memory()
-    with open({out!r}, "w") as out:
-        print(f"traced now {{current / 2**20:.1f}} MiB, peak {{peak / 2**20:.1f}} MiB", file=out)
-        for title, key, n in (("by file", "filename", 40), ("by line", "lineno", 60)):
-            print(f"--- {{title}}", file=out)
-            for stat in snapshot.statistics(key)[:n]:
-                print(f"{{stat.size / 2**20:8.2f}} MiB {{stat.count:8d}} {{stat.traceback}}", file=out)
-        print("--- by traceback (8 frames)", file=out)
-        for stat in snapshot.statistics("traceback")[:25]:
-            print(f"{{stat.size / 2**20:8.2f}} MiB {{stat.count:8d}}", file=out)
-            for line in stat.traceback.format()[-16:]:
-                print("    " + line, file=out)
+    taken[0] += 1
+    tracemalloc.take_snapshot().dump({out} + f".{{taken[0]}}.snap")
 
 signal.signal(signal.SIGUSR1, dump)
 sys.argv = ["visionr1_operator", *sys.argv[1:]]
@@ -353,7 +349,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--controller-qps", type=int, default=200,
                        help="kube-controller-manager's client rate (its default, 20, throttles the Job controller)")
     group.add_argument("--tracemalloc", metavar="FILE",
-                       help="trace the operator's Python allocations; write where its memory is 5 s after "
-                            "every run is created (FILE.start) and at the end (FILE); slows the operator: not for "
+                       help="trace the operator's Python allocations: snapshots FILE.1.snap (idle), FILE.2.snap "
+                            "(5 s after every run is created), FILE.3.snap (the end); slows the operator: not for "
                             "the figures")
     group.add_argument("--keep-dir", help="keep the control plane's logs, the audit log and the operator's log here")

@@ -30,7 +30,7 @@ from ..api import StageStatus, VisionR1Run, VisionR1RunStatus
 from ..manifest import ManifestError, validate_document
 from .admission import Policy, admission_problems
 from .jobs import build_stage_objects
-from .kube import APIError, ForeignObject, Kube, refusal_message
+from .kube import API_CONCURRENCY, APIError, ForeignObject, Kube, refusal_message
 from .metrics import OperatorMetrics
 from .naming import JOB_FINALIZER, Owner
 from .observe import JobView, PodReport, metrics_endpoint, observe_job, parse_time, pod_report, pods_of
@@ -64,6 +64,7 @@ class Operator:
 
     def __post_init__(self) -> None:
         self.scraper = Scraper(self.config.scrape_timeout)
+        self.api_slots = asyncio.Semaphore(API_CONCURRENCY)  # every controller's API calls, together
 
     def job_changed(self, namespace: str, run: str, job: JobView) -> None:
         """Wake a run's controller when one of its Jobs changed from what it last acted on."""
@@ -81,7 +82,7 @@ class Operator:
         self.job_changed(namespace, run, job)
         if (namespace, run) in self._controllers or not (job.finalizer and job.deleting):
             return
-        kube = Kube(self.settings, logging.getLogger(__name__), self.metrics.api_request)
+        kube = Kube(self.settings, logging.getLogger(__name__), self.metrics.api_request, self.api_slots)
         body = await kube.get_run(namespace, run)
         meta = (body or {}).get("metadata") or {}
         if body is not None and meta.get("uid") == job.owner_uid and not meta.get("deletionTimestamp"):
@@ -100,7 +101,8 @@ class Operator:
         """A finished run's daemon has returned: its spec edits are acknowledged here."""
         patch = finished_generation_patch(body) if (namespace, name) not in self._controllers else None
         if patch is not None:
-            await Kube(self.settings, logging.getLogger(__name__), self.metrics.api_request).patch_run_status(
+            await Kube(self.settings, logging.getLogger(__name__), self.metrics.api_request,
+                       self.api_slots).patch_run_status(
                 namespace, name, patch)
 
     async def serve_run(
@@ -158,7 +160,7 @@ class RunController:
         self.logger = logger
         self.key: RunKey = (body.metadata.namespace or "default", body.metadata.name or "")
         self.wake = asyncio.Event()
-        self.kube = Kube(operator.settings, logger, on_request=operator.metrics.api_request)
+        self.kube = Kube(operator.settings, logger, on_request=operator.metrics.api_request, slots=operator.api_slots)
         self.status = parse_status(body.get("status"), logger)
         # The status as stored, the base of the next merge patch (defaults included: a
         # field the model defaults but the object lacks, such as a first phase, is written).

@@ -9,9 +9,10 @@ the only place that touches it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 from urllib.parse import quote
 
 import kopf
@@ -33,6 +34,14 @@ MERGE_PATCH = {"Content-Type": "application/merge-patch+json"}
 CREATE_BACKOFFS = (0.5, 1.0)
 LABEL_JOB_UID = "kueue.x-k8s.io/job-uid"  # Kueue puts it on the Workload it makes for a Job
 KUEUE_VERSIONS = ("v1beta2", "v1beta1")  # v0.15+ serves both; older releases only v1beta1
+
+
+# The controllers' API calls in flight at once, all runs together. kopf's client opens a TLS
+# connection for every request that finds none idle and keeps it for reuse, each with a
+# 256 KiB read buffer and OpenSSL's state: 500 runs reconciling at once held 100 of them
+# (about 30 MiB). The calls are short (tens of milliseconds), so 32 at once carry hundreds a
+# second; kopf's watches and its own patches do not count here.
+API_CONCURRENCY = 32
 
 
 class ForeignObject(Exception):
@@ -87,6 +96,13 @@ class Kube:
     settings: kopf.OperatorSettings
     logger: logging.Logger | logging.LoggerAdapter
     on_request: Callable[[str, str], None] = lambda verb, resource: None  # metrics hook
+    slots: asyncio.Semaphore | None = None  # shared by every controller: at most API_CONCURRENCY calls at once
+
+    async def _call(self, request: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
+        if self.slots is None:
+            return await request(*args, settings=self.settings, logger=self.logger, **kwargs)
+        async with self.slots:
+            return await request(*args, settings=self.settings, logger=self.logger, **kwargs)
 
     async def create_or_adopt(self, obj: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         """Create ``obj``; on 409 adopt the existing one if the same run owns it.
@@ -102,13 +118,12 @@ class Kube:
             # kopf's client retries 403s and 5xx for minutes (API server upgrades); a quota or
             # an admission webhook refusing a create answers the same, so two quick retries
             # here, then the refusal is recorded and retried with the stage's backoff.
-            created = await _api.post(url, payload=obj, settings=self.settings, logger=self.logger,
-                                      backoffs=CREATE_BACKOFFS)
+            created = await self._call(_api.post, url, payload=obj, backoffs=CREATE_BACKOFFS)
             return created, True
         except _errors.APIConflictError:
             pass
         self.on_request("get", obj["kind"])
-        existing = await _api.get(object_url(obj), settings=self.settings, logger=self.logger)
+        existing = await self._call(_api.get, object_url(obj))
         if not _same_owner(existing, obj):
             raise ForeignObject(
                 f"{obj['kind']} {meta['namespace']}/{meta['name']} already exists and is not owned by this run"
@@ -118,18 +133,12 @@ class Kube:
 
     async def patch_run_status(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
         self.on_request("patch", "VisionR1Run")
-        await _api.patch(
-            run_status_url(namespace, name), payload={"status": patch}, headers=MERGE_PATCH,
-            settings=self.settings, logger=self.logger,
-        )
+        await self._call(_api.patch, run_status_url(namespace, name), payload={"status": patch}, headers=MERGE_PATCH)
 
     async def set_job_suspend(self, namespace: str, name: str, suspend: bool) -> None:
         self.on_request("patch", "Job")
         url = f"{collection_url('batch/v1', 'Job', namespace)}/{name}"
-        await _api.patch(
-            url, payload={"spec": {"suspend": suspend}}, headers=MERGE_PATCH,
-            settings=self.settings, logger=self.logger,
-        )
+        await self._call(_api.patch, url, payload={"spec": {"suspend": suspend}}, headers=MERGE_PATCH)
 
     async def set_workload_active(self, namespace: str, job_uid: str, active: bool) -> bool | None:
         """Set ``spec.active`` on the Kueue Workload of the Job with this UID.
@@ -142,18 +151,15 @@ class Kube:
             collection = f"/apis/kueue.x-k8s.io/{version}/namespaces/{namespace}/workloads"
             self.on_request("list", "Workload")
             try:
-                listing = await _api.get(f"{collection}?labelSelector={selector}",
-                                         settings=self.settings, logger=self.logger)
+                listing = await self._call(_api.get, f"{collection}?labelSelector={selector}")
             except NotFound:
                 continue  # this version is not served (an older Kueue), or no Kueue at all
             items = list(listing.get("items") or [])
             for workload in items:
                 if (workload.get("spec") or {}).get("active", True) != active:
                     self.on_request("patch", "Workload")
-                    await _api.patch(
-                        f"{collection}/{workload['metadata']['name']}", payload={"spec": {"active": active}},
-                        headers=MERGE_PATCH, settings=self.settings, logger=self.logger,
-                    )
+                    await self._call(_api.patch, f"{collection}/{workload['metadata']['name']}",
+                                     payload={"spec": {"active": active}}, headers=MERGE_PATCH)
                     self.logger.info("Set spec.active=%s on Kueue Workload %s.", active, workload["metadata"]["name"])
             return bool(items)
         return None
@@ -168,15 +174,15 @@ class Kube:
         for _ in range(5):
             try:
                 self.on_request("get", "Job")
-                meta = (await _api.get(url, settings=self.settings, logger=self.logger))["metadata"]
+                meta = (await self._call(_api.get, url))["metadata"]
                 finalizers = list(meta.get("finalizers") or [])
                 if finalizer not in finalizers:
                     return
                 self.on_request("patch", "Job")
-                await _api.patch(url, payload={"metadata": {
+                await self._call(_api.patch, url, payload={"metadata": {
                     "finalizers": [f for f in finalizers if f != finalizer] or None,
                     "resourceVersion": meta["resourceVersion"],
-                }}, headers=MERGE_PATCH, settings=self.settings, logger=self.logger)
+                }}, headers=MERGE_PATCH)
                 return
             except NotFound:
                 return
@@ -189,17 +195,15 @@ class Kube:
         """Give a finished Job its ttlSecondsAfterFinished (the TTL controller deletes it then)."""
         self.on_request("patch", "Job")
         try:
-            await _api.patch(f"{collection_url('batch/v1', 'Job', namespace)}/{name}",
-                             payload={"spec": {"ttlSecondsAfterFinished": seconds}}, headers=MERGE_PATCH,
-                             settings=self.settings, logger=self.logger)
+            await self._call(_api.patch, f"{collection_url('batch/v1', 'Job', namespace)}/{name}",
+                             payload={"spec": {"ttlSecondsAfterFinished": seconds}}, headers=MERGE_PATCH)
         except NotFound:
             pass
 
     async def exists(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
         self.on_request("get", kind)
         try:
-            await _api.get(f"{collection_url(api_version, kind, namespace)}/{name}",
-                           settings=self.settings, logger=self.logger)
+            await self._call(_api.get, f"{collection_url(api_version, kind, namespace)}/{name}")
         except NotFound:
             return False
         return True
@@ -207,8 +211,7 @@ class Kube:
     async def get_run(self, namespace: str, name: str) -> dict[str, Any] | None:
         self.on_request("get", "VisionR1Run")
         try:
-            return await _api.get(f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}",
-                                  settings=self.settings, logger=self.logger)
+            return await self._call(_api.get, f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}")
         except NotFound:
             return None
 
@@ -217,5 +220,5 @@ class Kube:
         self.on_request("list", "Pod")
         selector = quote(f"batch.kubernetes.io/job-name={job}")
         url = f"{collection_url('v1', 'Pod', namespace)}?labelSelector={selector}"
-        listing = await _api.get(url, settings=self.settings, logger=self.logger)
+        listing = await self._call(_api.get, url)
         return list(listing.get("items") or [])
