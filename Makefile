@@ -87,6 +87,8 @@ gpu-smoke: install
 	$(BIN)/python -m pytest -m gpu -v
 
 # GRPO step time and tokens/s against TRL's GRPOTrainer (results in BENCHMARKS.md).
+# The bench extra brings torchvision (TRL's Qwen2.5-VL processor): transformers then picks its
+# torchvision image processors by default in this venv (the bench itself uses the PIL one on both sides).
 bench-grpo: install
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[bench]"
 	$(BIN)/python bench/grpo_vs_trl.py --pairs 10
