@@ -35,3 +35,18 @@ def test_api_calls_in_flight_are_bounded_across_controllers():
         return peak
 
     assert asyncio.run(scenario()) == kube.API_CONCURRENCY
+
+
+def test_the_run_body_kopf_keeps_loses_its_managed_fields():
+    """kopf keeps each run's latest body as long as the run exists (for its daemon); the
+    run's event handler drops managedFields from it, which the operator never reads."""
+    from visionr1_operator.cluster.handlers import forget_managed_fields
+
+    raw = {"metadata": {"name": "r", "uid": "u", "managedFields": [{"manager": "kubectl"}], "generation": 2},
+           "spec": {"suspend": False}, "status": {"phase": "Running"}}
+    body = kopf.Body(raw)
+    forget_managed_fields(body)
+    assert "managedFields" not in raw["metadata"] and "managedFields" not in body.metadata
+    assert (body.metadata.name, body.metadata.uid, body.metadata["generation"]) == ("r", "u", 2)
+    assert body.spec == {"suspend": False} and body.status == {"phase": "Running"}
+    forget_managed_fields(kopf.Body({"spec": {}}))  # no metadata: nothing to do

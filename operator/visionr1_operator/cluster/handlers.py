@@ -80,8 +80,25 @@ async def job_changed(body: kopf.Body, namespace: str, labels: kopf.Labels, memo
 
 
 async def run_changed(body: kopf.Body, namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    forget_managed_fields(body)
     memo.operator.run_changed(namespace, name, body)
     await memo.operator.acknowledge_if_finished(namespace, name, body)
+
+
+def forget_managed_fields(body: kopf.Body) -> None:
+    """Drop ``metadata.managedFields`` from the run's body that kopf keeps.
+
+    kopf keeps every run's latest body for its daemon for as long as the run exists, also
+    after the daemon has returned (``process_spawning_cause`` sets it again on each event),
+    and replaces its content on every watch event. The operator never reads managedFields
+    (the API server's record of who set which field: for a run, each manager's copy of the
+    spec's or the status's shape), a large part of a run's body. This handler sees each
+    event's body before the next one replaces it, so the kept body is without them.
+    """
+    raw = getattr(body, "_src", None)  # kopf's live view over the event's decoded object
+    meta = raw.get("metadata") if isinstance(raw, dict) else None
+    if isinstance(meta, dict):
+        meta.pop("managedFields", None)
 
 
 async def run_stages(
