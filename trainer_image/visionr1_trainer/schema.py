@@ -1,7 +1,7 @@
 """How every config model behaves: camelCase on the wire, unknown fields rejected, CEL
 rules beside pydantic validators, and errors that name the field at fault.
 
-``config.py`` (the stage configs) and ``visionr1_operator.api`` (the VisionR1Run) build
+``config/`` (the stage configs) and ``visionr1_operator.api`` (the VisionR1Run) build
 on these. Pydantic only: importable without torch.
 """
 
