@@ -177,6 +177,60 @@ def test_shared_prefix_forward_equals_the_full_forward_in_value_and_gradient(tin
     model.zero_grad()
 
 
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_decoding_with_the_ready_step_mask_samples_what_the_2d_mask_samples(tmp_path, monkeypatch, implementation):
+    """The sampler hands each decoding step a ready 4-D mask (transformers then skips
+    building it): tokens and log-probs equal those of the 2-D mask, left padding and
+    image tokens included, for both attention kernels that take one."""
+    from grpo_harness import build_warm_model
+
+    from visionr1_trainer.grpo import sampler
+
+    model, tok, ip = load_vlm(str(build_warm_model(tmp_path / "m", steps=20)), "float32",
+                              attn_implementation=implementation)
+    assert sampler.step_mask_kernel(model) == implementation
+    image = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    enc, group = _three_prompts(tok, ip), 3
+    runs = []
+    for ready in (True, False):
+        if not ready:  # the 2-D mask, which transformers turns into a 4-D one at every step
+            monkeypatch.setattr(sampler, "decode_mask", lambda attention, *_: attention)
+        torch.manual_seed(0)
+        runs.append(generate_groups(model, enc, group, 16, 1.0, 1.0, tok.eos_token_id, tok.pad_token_id, image,
+                                    vision_token_ids(tok), with_logprobs=True))
+    (ids, lp, _), (ids_2d, lp_2d, _) = runs
+    assert torch.equal(ids, ids_2d)
+    assert torch.allclose(lp, lp_2d, atol=1e-5)
+
+
+def test_decode_mask_for_each_kernel():
+    from visionr1_trainer.grpo.sampler import decode_mask
+
+    attention = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    sdpa = decode_mask(attention, "sdpa", torch.float32)
+    assert sdpa.shape == (2, 1, 1, 3) and sdpa.dtype == torch.bool and sdpa[0, 0, 0].tolist() == [False, True, True]
+    eager = decode_mask(attention, "eager", torch.bfloat16)
+    assert eager.dtype == torch.bfloat16 and eager[0, 0, 0, 0] == torch.finfo(torch.bfloat16).min
+    assert eager[1].eq(0).all()
+    assert decode_mask(attention, None, torch.float32) is attention  # flash attention, sliding windows
+    assert decode_mask(torch.ones(2, 3), "sdpa", torch.float32, padded=False) is None  # as transformers: no mask
+
+
+def test_step_mask_kernel_leaves_sliding_windows_and_flash_attention_to_transformers():
+    from types import SimpleNamespace
+
+    from visionr1_trainer.grpo.sampler import step_mask_kernel
+
+    def model(**text):
+        return SimpleNamespace(config=SimpleNamespace(text_config=SimpleNamespace(**text)))
+
+    assert step_mask_kernel(model(_attn_implementation="sdpa", layer_types=["full_attention"] * 2)) == "sdpa"
+    assert step_mask_kernel(model(_attn_implementation="eager")) == "eager"
+    assert step_mask_kernel(model(_attn_implementation="flash_attention_2")) is None
+    assert step_mask_kernel(model(_attn_implementation="sdpa", use_sliding_window=True)) is None
+    assert step_mask_kernel(model(_attn_implementation="sdpa", layer_types=["full_attention", "sliding_attention"])) is None
+
+
 def test_sample_next_greedy_and_nucleus():
     logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 0.0]])
     assert sample_next(logits, 0.0, 1.0).tolist() == [1, 0]
