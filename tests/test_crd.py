@@ -241,3 +241,12 @@ def test_cel_rules_on_strings_in_lists_are_priced_by_a_max_length(crd):
     schema = openapi_schema(crd)
     unbounded = [p for p, n in _cel_strings_in_lists(schema, "", False) if "maxLength" not in n]
     assert unbounded == []
+
+
+def test_shared_prefix_on_with_activation_checkpointing_on_is_refused_by_cel(crd):
+    doc = yaml.safe_load((ROOT / "examples" / "tiny-cpu.yaml").read_text())
+    grpo = doc["spec"]["stages"]["grpo"]
+    grpo.update(sharedPrefix="on", activationCheckpointing="on")
+    assert [e.split(":")[0] for e in cel_errors(doc, crd)] == ["spec.stages.grpo.sharedPrefix"]
+    grpo["activationCheckpointing"] = "auto"
+    assert cel_errors(doc, crd) == []

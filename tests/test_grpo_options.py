@@ -205,3 +205,61 @@ def test_data_slice_validation_names_the_field():
     with pytest.raises(Exception, match="by"):
         PTSTStage.model_validate({"maxCompletionLength": 16, "numGenerations": 2,
                                   "dataSlice": {"by": "difficulty"}}, by_name=False)
+
+
+# --- scoring with the shared prompt prefix (grpo.sharedPrefix) ---------------------------------
+
+
+def test_shared_prefix_auto_is_off_under_zero3_and_with_activation_checkpointing():
+    from visionr1_trainer.grpo.engine import EngineSpec
+    from visionr1_trainer.grpo.trainer import shared_prefix_on
+    from visionr1_trainer.runtime import UnusableSetting
+
+    def spec(zero, ckpt=False):
+        return EngineSpec(zero, "fp32", 4, 1.0, 1e-6, activation_checkpointing=ckpt)
+
+    assert [shared_prefix_on("auto", spec(z)) for z in (0, 1, 2, 3)] == [True, True, True, False]
+    assert shared_prefix_on("on", spec(3)) and not shared_prefix_on("off", spec(0))
+    assert not shared_prefix_on("auto", spec(0, ckpt=True))  # checkpointed layers keep no KV cache
+    with pytest.raises(UnusableSetting, match="grpo.sharedPrefix: on needs the layers' KV cache"):
+        shared_prefix_on("on", spec(0, ckpt=True))
+
+
+def test_shared_prefix_on_with_activation_checkpointing_on_is_refused_naming_the_field():
+    with pytest.raises(Exception, match="sharedPrefix"):
+        GRPOSettings.model_validate({"sharedPrefix": "on", "activationCheckpointing": "on"}, by_name=False)
+    with pytest.raises(Exception, match="sharedPrefix"):
+        GRPOSettings.model_validate({"sharedPrefix": "always"}, by_name=False)
+    assert GRPOSettings.model_validate({"sharedPrefix": "on", "activationCheckpointing": "auto"}, by_name=False)
+
+
+def test_a_micro_batch_without_two_rows_of_one_prompt_is_scored_in_one_forward(tmp_path):
+    """Nothing to share: the prompt's own pass would only be a second pass through the model
+    (under ZeRO-3 a second gather of every layer). Rows of one prompt: the prefix once, then
+    the completions on its cache (two calls)."""
+    from visionr1_trainer.grpo.batch import build_policy_batch, sequence_logprobs
+    from visionr1_trainer.grpo.logprob_head import LogprobModel
+    from visionr1_trainer.grpo.rollout import finish_rollout
+    from visionr1_trainer.grpo.sampler import generate_groups
+    from visionr1_trainer.models.loading import load_vlm
+    from visionr1_trainer.models.tiny import build_tiny_vlm
+    from visionr1_trainer.models.vlm import IMAGE_TOKEN, encode_prompts
+
+    model, tok, ip = load_vlm(str(build_tiny_vlm(tmp_path / "m")), "float32")
+    image = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    enc = encode_prompts(tok, ip, ["What color?", "And this one, please?"], [[], []], 64)
+    torch.manual_seed(0)
+    ids, _, secs = generate_groups(model, enc, 2, 6, 1.0, 1.0, tok.eos_token_id, tok.pad_token_id, image)
+    batch = build_policy_batch(enc, [0, 0], finish_rollout(ids, tok, 6, secs), 2, tok, image)
+    policy, calls = LogprobModel(model), []
+    counting = lambda **inputs: calls.append(sorted(inputs)) or policy(**inputs)  # noqa: E731
+    with torch.no_grad():
+        one_each, _ = sequence_logprobs(counting, batch, [0, 2], 1.0, "cpu")  # rows of prompts 0 and 1
+        assert len(calls) == 1 and "targets" in calls[0]
+        calls.clear()
+        shared, _ = sequence_logprobs(counting, batch, [0, 1], 1.0, "cpu")  # both rows of prompt 0
+        assert len(calls) == 2 and "past_key_values" in calls[1]
+        full, _ = sequence_logprobs(policy, batch, [0, 1], 1.0, "cpu", shared_prefix=False)
+    mask = batch.loss_mask[[0, 1]].bool()
+    assert torch.allclose(shared[mask], full[mask], atol=1e-5)
+    assert one_each.shape == (2, batch.completion_len)

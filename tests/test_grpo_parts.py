@@ -67,6 +67,10 @@ def test_deepspeed_config_zero3():
     assert cfg["zero_optimization"]["reduce_bucket_size"] == 3584 * 3584
     assert "auto" not in str(cfg)
     assert deepspeed_config(2, "bf16", 1, 1.0, 16, 3584, train=False)["zero_optimization"]["stage"] == 0
+    # CPU ranks (gloo): DeepSpeed's own bucket sizes, the same persistence threshold
+    cpu = deepspeed_config(3, "fp32", 1, 1.0, 2, 64, cpu_ranks=True)["zero_optimization"]
+    assert cpu["reduce_bucket_size"] == 500_000_000 and cpu["stage3_prefetch_bucket_size"] == 50_000_000
+    assert cpu["stage3_param_persistence_threshold"] == 640
     with pytest.raises(ValueError):
         deepspeed_config(0, "bf16", 1, 1.0, 1, 64)
 
@@ -229,6 +233,39 @@ def test_step_mask_kernel_leaves_sliding_windows_and_flash_attention_to_transfor
     assert step_mask_kernel(model(_attn_implementation="flash_attention_2")) is None
     assert step_mask_kernel(model(_attn_implementation="sdpa", use_sliding_window=True)) is None
     assert step_mask_kernel(model(_attn_implementation="sdpa", layer_types=["full_attention", "sliding_attention"])) is None
+
+
+def test_text_only_prompts_after_an_image_batch_sample_and_score_consistently(tmp_path):
+    """transformers recomputes a Qwen-VL model's M-RoPE deltas only for inputs with images:
+    after an image batch of 3 prompts, a text-only prefix must not read those stale deltas.
+
+    Regression: validation's filler prompt (one text-only row) on a rank whose held-out
+    prompts were all too long crashed under ZeRO-3 (the deltas of the previous call's 4
+    rows); with a batch of the same size it would have shifted every decoded position.
+    """
+    from grpo_harness import build_warm_model
+
+    model, tok, ip = load_vlm(str(build_warm_model(tmp_path / "m", steps=20)), "float32")
+    image = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    generate_groups(model, _three_prompts(tok, ip), 1, 2, 0.0, 1.0, tok.eos_token_id, tok.pad_token_id, image)
+    assert model.model.rope_deltas.shape[0] == 3  # left behind by the image batch
+    one = encode_prompts(tok, ip, ["What color?"], [[]], 128)
+    ids, _, _ = generate_groups(model, one, 1, 4, 0.0, 1.0, tok.eos_token_id, tok.pad_token_id, image)
+    assert ids.shape[0] == 1
+    generate_groups(model, _three_prompts(tok, ip), 1, 2, 0.0, 1.0, tok.eos_token_id, tok.pad_token_id, image)
+    text = encode_prompts(tok, ip, ["What color?", "Which color is it, please? Think first."], [[], []], 128)
+    assert (text.attention_mask == 0).any()  # left padding
+    torch.manual_seed(0)
+    ids, sampled_lp, secs = generate_groups(model, text, 3, 16, 1.0, 1.0, tok.eos_token_id, tok.pad_token_id, image,
+                                            vision_token_ids(tok), with_logprobs=True)
+    batch = build_policy_batch(text, [0, 0], finish_rollout(ids, tok, 16, secs), 3, tok, image)
+    mask = batch.loss_mask.bool()
+    with torch.no_grad():
+        policy = LogprobModel(model)
+        full, _ = sequence_logprobs(policy, batch, range(batch.rows), 1.0, "cpu", shared_prefix=False)
+        shared, _ = sequence_logprobs(policy, batch, range(batch.rows), 1.0, "cpu", shared_prefix=True)
+    assert (full[mask] - sampled_lp[mask]).abs().max() < 0.05  # up to the suppressed vision tokens' mass
+    assert torch.allclose(full[mask], shared[mask], atol=1e-4)
 
 
 def test_sample_next_greedy_and_nucleus():

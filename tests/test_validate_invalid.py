@@ -166,6 +166,8 @@ CASES = [
          {"spec.stages.eval.temperature": 3}),
     Case("mini-batch-above-rollout", "cel", f"{GRPO}.miniBatchSize", "above rolloutBatchSize (4)",
          {f"{GRPO}.miniBatchSize": 32}),
+    Case("shared-prefix-with-checkpointing", "cel", f"{GRPO}.sharedPrefix", "KV cache",
+         {f"{GRPO}.sharedPrefix": "on", f"{GRPO}.activationCheckpointing": "on"}),
     Case("reasoning-min-above-max", "cel", "spec.stages.bridge.filters.minReasoningChars",
          "above maxReasoningChars", {"spec.stages.bridge.filters": {"minReasoningChars": 100,
                                                                     "maxReasoningChars": 10}}),

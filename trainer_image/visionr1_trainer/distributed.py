@@ -109,6 +109,11 @@ def shutdown(env: DistEnv) -> None:
         dist.destroy_process_group()
 
 
+# DeepSpeed's own default bucket sizes (elements), used on CPU ranks (deepspeed_config).
+CPU_REDUCE_BUCKET = 500_000_000
+CPU_PREFETCH_BUCKET = 50_000_000
+
+
 def deepspeed_config(
     zero_stage: int,
     precision: str,
@@ -118,6 +123,7 @@ def deepspeed_config(
     hidden_size: int,
     train: bool = True,
     overlap_comm: bool = False,
+    cpu_ranks: bool = False,
 ) -> dict[str, Any]:
     """A DeepSpeed config for one training stage (ZeRO-3 for 7B and larger), or for a
     frozen model (``train=False``: the KL reference, partitioned under ZeRO-3 only).
@@ -128,6 +134,13 @@ def deepspeed_config(
     numbers transformers' integration derives from the hidden size for "auto"
     (DeepSpeed itself accepts no "auto"). bf16 accumulates gradients in fp32 and keeps
     fp32 master weights and optimizer state in the ZeRO optimizer.
+
+    ``cpu_ranks`` (gloo): the reduce and prefetch buckets are DeepSpeed's own defaults
+    (``CPU_REDUCE_BUCKET``, ``CPU_PREFETCH_BUCKET`` elements) rather than the hidden-size
+    ones, which are sized for GPUs: over gloo each collective costs about a millisecond
+    however small, and a hidden size of 64 made 46 reduce-scatters a backward (DeepSpeed's
+    CPU accelerator also starts a ``numactl`` process for each). The persistence
+    threshold stays: it decides what is partitioned at all.
     """
     if zero_stage not in (1, 2, 3):
         raise ValueError(f"deepspeed zero stage must be 1, 2 or 3, got {zero_stage}")
@@ -141,7 +154,7 @@ def deepspeed_config(
             "stage": stage,
             "overlap_comm": overlap_comm,  # GPUs: reduce on a side stream; CPU ranks have none
             "contiguous_gradients": True,
-            "reduce_bucket_size": hidden_size * hidden_size if stage == 3 else 5e8,
+            "reduce_bucket_size": hidden_size * hidden_size if stage == 3 and not cpu_ranks else CPU_REDUCE_BUCKET,
         },
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
@@ -153,7 +166,7 @@ def deepspeed_config(
     if stage == 3:
         config["zero_optimization"] |= {
             "stage3_gather_16bit_weights_on_model_save": False,  # we gather per parameter ourselves
-            "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+            "stage3_prefetch_bucket_size": CPU_PREFETCH_BUCKET if cpu_ranks else int(0.9 * hidden_size * hidden_size),
             "stage3_param_persistence_threshold": 10 * hidden_size,
         }
     return config

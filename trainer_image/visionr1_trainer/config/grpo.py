@@ -252,6 +252,14 @@ class GRPOSettings(Schema):
         "A stage where DeepSpeed cannot run exits 2.",
     )
     activation_checkpointing: ActivationCheckpointing = _activation_checkpointing_field()
+    shared_prefix: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Score each prompt once for all its completions (its KV cache repeated for the "
+        "group's rows) rather than once per row: on, off, or auto (on, but off under ZeRO-3, where every "
+        "pass through the model gathers each layer again, so the prompt's own pass doubles the gathers "
+        "of every scoring forward and backward). A micro-batch in which no two rows share a prompt is "
+        "scored row by row either way. Needs the layers' KV cache: on with activationCheckpointing is refused.",
+    )
     collective_timeout_minutes: float = _collective_timeout_field()
     save_every_steps: int = Field(
         default=20, ge=1, description="Commit a resumable checkpoint every N steps."
@@ -270,6 +278,12 @@ class GRPOSettings(Schema):
             "(has(self.overlongBuffer) && self.overlongBuffer >= 1)",
             "overlong: softPenalty needs overlongBuffer of at least 1 token",
             ".overlongBuffer",
+        ),
+        CelRule(
+            "!has(self.sharedPrefix) || self.sharedPrefix != 'on' || "
+            "!has(self.activationCheckpointing) || self.activationCheckpointing != 'on'",
+            "sharedPrefix: on needs the layers' KV cache, which activationCheckpointing: on does not keep",
+            ".sharedPrefix",
         ),
     )
 
@@ -294,6 +308,9 @@ class GRPOSettings(Schema):
             )])
         if self.overlong == "softPenalty" and self.overlong_buffer < 1:
             raise_problems([("overlongBuffer", "overlong: softPenalty needs overlongBuffer of at least 1 token")])
+        if self.shared_prefix == "on" and self.activation_checkpointing == "on":
+            raise_problems([("sharedPrefix", "on needs the layers' KV cache, which activationCheckpointing: on "
+                                             "does not keep; set sharedPrefix auto or off")])
         return self
 
     def length_problems(self, max_completion_length: int) -> list[tuple[str, str]]:

@@ -14,7 +14,7 @@ import torch
 
 from ..models.vlm import EncodedPrompts, mm_token_types
 from .rollout import Rollout, vision_token_ids
-from .sampler import prefix_position_ids, rope_deltas
+from .sampler import prefix_position_ids, prefix_rope_deltas
 
 
 @dataclass
@@ -124,10 +124,14 @@ def sequence_logprobs(
     the model once and its KV cache is repeated for its rows, as the sampler does:
     gradients flow back through the shared prefix, so the result and its gradient equal
     the plain forward on full sequences (``shared_prefix=False``), at a fraction of the
-    prompt's cost when G completions share it.
+    prompt's cost when G completions share it. A micro-batch whose rows all have
+    different prompts has nothing to share: one plain forward then (two passes would
+    only cost a second pass through the model).
     """
-    score = _prefix_shared_scores if shared_prefix and batch.prompts is not None else _full_scores
-    logprobs, entropy = score(model, batch, list(rows), temperature, device)
+    rows = list(rows)
+    shares = len({r // batch.group_size for r in rows}) < len(rows)  # some prompt has two rows here
+    score = _prefix_shared_scores if shared_prefix and shares and batch.prompts is not None else _full_scores
+    logprobs, entropy = score(model, batch, rows, temperature, device)
     return logprobs, entropy if with_entropy else None
 
 
@@ -167,12 +171,11 @@ def _prefix_shared_scores(model, batch: PolicyBatch, rows: list[int], temperatur
     sub = _select_prompts(prompts, distinct)
     inputs = {k: v.to(device) for k, v in sub.model_inputs(batch.image_token_id).items()}
     # The plain forward (no targets): the cache, and the last prompt position's (p, 1, V) logits.
-    prefix = model(**inputs, position_ids=prefix_position_ids(model, inputs["attention_mask"]),
-                   use_cache=True, logits_to_keep=1)
+    prefix = model(**inputs, position_ids=prefix_position_ids(model, inputs), use_cache=True, logits_to_keep=1)
     index = torch.tensor([where[p] for p in owners], device=device)
     cache = prefix.past_key_values
     cache.reorder_cache(index)  # differentiable index_select: gradients reach the prefix
-    deltas = rope_deltas(model)
+    deltas = prefix_rope_deltas(model, inputs)
     prompt_mask = sub.attention_mask.to(device).index_select(0, index)
     completion = batch.completion_ids[rows].to(device)
     T = completion.shape[1]

@@ -369,7 +369,8 @@ def _ensure_process_group() -> None:
 def engine_config(spec: EngineSpec, env: DistEnv, hidden_size: int, train: bool = True) -> dict[str, Any]:
     """The DeepSpeed config of ``spec`` (inference: no optimizer, ZeRO-3 or nothing)."""
     return deepspeed_config(spec.zero_stage, spec.precision, spec.micro_batch_size, spec.max_grad_norm,
-                            env.world_size, hidden_size, train=train, overlap_comm=env.device.startswith("cuda"))
+                            env.world_size, hidden_size, train=train, overlap_comm=env.device.startswith("cuda"),
+                            cpu_ranks=not env.device.startswith("cuda"))
 
 
 def _hidden_size(load_config: Callable[[], Any]) -> int:

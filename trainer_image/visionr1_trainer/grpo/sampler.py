@@ -53,16 +53,29 @@ def computes_own_positions(model) -> bool:
     return hasattr(getattr(model, "model", None), "rope_deltas")
 
 
-def prefix_position_ids(model, attention_mask: torch.Tensor) -> torch.Tensor | None:
-    """Positions for a left-padded prefix that do not count the padding, or None.
+def prefix_position_ids(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """Positions for a left-padded prefix (``inputs``: its model inputs) that do not count
+    the padding, or None.
 
-    Qwen-VL models compute their own (3-D, from the attention mask and the image
-    tokens): None. Other causal LMs would number the padding too when given no
-    positions, and then disagree with the pad-free positions of the tokens that follow.
+    Qwen-VL models compute their own (3-D, from the attention mask and the image tokens)
+    for prompts with images: None. Other causal LMs, and Qwen-VL on text-only prompts,
+    would number the padding too when given no positions, and then disagree with the
+    pad-free positions of the tokens that follow; Qwen-VL repeats 2-D positions on its
+    three axes, which is what its own rule gives text.
     """
-    if computes_own_positions(model):
+    if computes_own_positions(model) and "pixel_values" in inputs:
         return None
-    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+    return (inputs["attention_mask"].long().cumsum(dim=-1) - 1).clamp(min=0)
+
+
+def prefix_rope_deltas(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """``(B, 1)`` M-RoPE deltas of the prefix just run on ``inputs``, or None (no images:
+    its positions were the pad-free ones of ``prefix_position_ids``, nothing to add).
+
+    transformers recomputes a Qwen-VL model's ``rope_deltas`` only for inputs with
+    images: after a text-only prefix it still holds an earlier call's, of another batch.
+    """
+    return rope_deltas(model) if "pixel_values" in inputs else None
 
 
 def step_mask_kernel(model) -> str | None:
@@ -131,14 +144,13 @@ def _decode(model, prompts, group_size, max_new_tokens, temperature, top_p, eos_
     """``generate_groups``' prefill and decoding loop: the sampled tokens and their log-probs, a step each."""
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in prompts.model_inputs(image_token_id).items()}
-    out = model(**inputs, position_ids=prefix_position_ids(model, inputs["attention_mask"]),
-                use_cache=True, logits_to_keep=1)
+    out = model(**inputs, position_ids=prefix_position_ids(model, inputs), use_cache=True, logits_to_keep=1)
     cache = out.past_key_values
     cache.batch_repeat_interleave(group_size)  # prompt-major: p0 x G, p1 x G, ...
     rows = inputs["input_ids"].shape[0] * group_size
     attention = inputs["attention_mask"].repeat_interleave(group_size, dim=0)
     real_len = attention.sum(dim=1)  # prompt tokens, padding excluded
-    deltas = rope_deltas(model)
+    deltas = prefix_rope_deltas(model, inputs)
     deltas = deltas.to(device).repeat_interleave(group_size, dim=0).view(-1) if deltas is not None else None
     logits = out.logits[:, -1].repeat_interleave(group_size, dim=0)
     suppress = torch.as_tensor(list(suppress_token_ids), dtype=torch.long, device=device)

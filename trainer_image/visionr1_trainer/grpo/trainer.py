@@ -164,7 +164,7 @@ def update_policy(state: GRPOState, batch, advantages: torch.Tensor) -> dict[str
     # Old log-probs are needed only when the policy moves before a row is trained on
     # (several mini-batches or passes); otherwise they equal the detached current ones.
     reuse = grpo.updates_per_batch > 1 or len(minis) > 1
-    shared = not state.engine.spec.activation_checkpointing  # checkpointed layers keep no KV cache
+    shared = shared_prefix_on(grpo.shared_prefix, state.engine.spec)
     old = frozen_logprobs(state.engine, batch, rows, grpo, device, shared) if reuse else None
     ref = frozen_logprobs(state.reference, batch, rows, grpo, device, shared) if state.reference is not None else None
     cold = None  # None: kl_cold_start is the KL term itself (the reference is the cold-start model)
@@ -179,6 +179,23 @@ def update_policy(state: GRPOState, batch, advantages: torch.Tensor) -> dict[str
     out = {k: torch.stack(v).mean() for k, v in totals.items()}
     out["train_tokens_per_s"] = torch.tensor(train_tokens / max(time.perf_counter() - started, 1e-9))
     return out
+
+
+def shared_prefix_on(setting: str, spec: EngineSpec) -> bool:
+    """Whether scoring passes each prompt once for its group's rows (``grpo.sharedPrefix``).
+
+    ``auto``: on, but off under ZeRO-3, where DeepSpeed gathers every layer for each pass
+    through the model and releases it after: the prompt's own pass would double the
+    gathers of every scoring forward and its backward, on the reference too (measured on
+    2 CPU ranks: 15% of a step, BENCHMARKS.md). Never with activation checkpointing (its
+    layers keep no KV cache): ``on`` with it is an unusable setting (exit 2).
+    """
+    if spec.activation_checkpointing:
+        if setting == "on":
+            raise UnusableSetting("grpo.sharedPrefix: on needs the layers' KV cache, which activation checkpointing "
+                                  "(grpo.activationCheckpointing) does not keep; set sharedPrefix auto or off")
+        return False
+    return setting == "on" or (setting == "auto" and spec.zero_stage != 3)
 
 
 @torch.no_grad()
@@ -315,6 +332,7 @@ def check_rank_split(config: GRPOStageConfig, env: DistEnv) -> None:
 def train_stage(config: GRPOStageConfig, env: DistEnv, work: Path, metrics: StageMetrics) -> dict[str, Any]:
     grpo = config.grpo
     check_rank_split(config, env)
+    shared_prefix_on(grpo.shared_prefix, engine_spec(config, env))  # on with activation checkpointing exits 2 here
     scorer = RewardScorer.from_settings(grpo).start()  # a plug-in that does not import exits 2 before any model loads
     try:
         return _train(config, env, work, metrics, scorer)
