@@ -129,7 +129,10 @@ def sequence_logprobs(
     only cost a second pass through the model).
     """
     rows = list(rows)
-    shares = len({r // batch.group_size for r in rows}) < len(rows)  # some prompt has two rows here
+    # Some prompt has two rows here. A function of the row indices and the group size only,
+    # which every rank shares (update_policy evens the ranks' rows up in whole groups), so
+    # under ZeRO-3 all ranks make the same number of engine calls (each a collective).
+    shares = len({r // batch.group_size for r in rows}) < len(rows)
     score = _prefix_shared_scores if shared_prefix and shares and batch.prompts is not None else _full_scores
     logprobs, entropy = score(model, batch, rows, temperature, device)
     return logprobs, entropy if with_entropy else None
