@@ -325,3 +325,20 @@ def test_text_only_models_get_pad_free_positions_in_the_prefix(tmp_path):
         shared, _ = sequence_logprobs(policy, batch, range(4), 1.0, "cpu", shared_prefix=True)
     mask = batch.loss_mask.bool()
     assert torch.allclose(full[mask], shared[mask], atol=1e-4)
+
+
+def test_step_metrics_are_averaged_over_ranks_in_one_collective(monkeypatch):
+    from visionr1_trainer.grpo import trainer
+
+    calls = []
+
+    def fake_all_reduce_mean(value, env):
+        calls.append(value.shape)
+        return value / 2  # as if the other rank reported zeros
+
+    monkeypatch.setattr(trainer, "all_reduce_mean", fake_all_reduce_mean)
+    env = DistEnv(0, 2, 0, "cpu", "gloo")
+    out = trainer.mean_over_ranks({"a": torch.tensor(1.0), "b": 3, "c": torch.tensor([5.0])}, env)
+    assert out == {"a": 0.5, "b": 1.5, "c": 2.5} and calls == [(3,)]
+    monkeypatch.undo()
+    assert trainer.mean_over_ranks({"a": 2.0}, DistEnv(0, 1, 0, "cpu", None)) == {"a": 2.0}
