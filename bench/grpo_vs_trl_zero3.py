@@ -62,12 +62,38 @@ def zero3_stage_config(model_dir: Path, work: Path, args):
     })
 
 
-def trl_deepspeed_config(micro_batch: int, world_size: int) -> dict:
+def trl_deepspeed_config(micro_batch: int, world_size: int, hidden_size: int, ours: bool = False) -> dict:
     """TRL's side: ZeRO-3 with the HF Trainer's AdamW; batch and clipping as ours (the HF
-    Trainer's "auto" batch took a world size of 1 when the model loaded)."""
-    return {"zero_optimization": {"stage": 3, "overlap_comm": False},
+    Trainer's "auto" batch took a world size of 1 when the model loaded).
+
+    The ZeRO-3 block is the one accelerate's and transformers' DeepSpeed guides give: the
+    bucket sizes and the persistence threshold "auto", which transformers fills from the
+    hidden size (the same numbers our stage uses on GPUs). ``ours``: our stage's own block
+    for CPU ranks instead (``deepspeed_config(cpu_ranks=True)``: DeepSpeed's default
+    buckets), to show what the ratio owes to it.
+
+    The runs before 2026-12-02 04:40 gave TRL no ZeRO-3 block at all: DeepSpeed's default
+    persistence threshold (1e5 elements) then kept every parameter of the tiny model (the
+    largest has 12,288) whole on every rank, so TRL's policy gathered nothing while ours
+    gathered every layer."""
+    from visionr1_trainer.distributed import deepspeed_config
+
+    block = {"stage": 3, "overlap_comm": False, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+             "stage3_param_persistence_threshold": "auto"}
+    if ours:
+        block = deepspeed_config(3, "fp32", micro_batch, 1.0, world_size, hidden_size, cpu_ranks=True)["zero_optimization"]
+    return {"zero_optimization": block,
             "train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
             "train_batch_size": micro_batch * world_size, "gradient_clipping": 1.0}
+
+
+def partitioned(model) -> dict:
+    """How much of ``model`` ZeRO-3 partitions (the rest each rank keeps whole: persistent)."""
+    params = list(model.parameters())
+    split = [p for p in params if hasattr(p, "ds_tensor") and not getattr(p, "ds_persist", False)]
+    return {"parameters": len(params), "partitioned": len(split),
+            "partitioned_elements": sum(p.ds_numel for p in split),
+            "elements": sum(getattr(p, "ds_numel", p.numel()) for p in params)}
 
 
 def worker(args) -> int:
@@ -114,7 +140,9 @@ def worker(args) -> int:
                                              copy_weights=False))
 
     per_rank = args.prompts * args.group // env.world_size
-    trl_args = one.trl_config(args, tmp / "trl", deepspeed=trl_deepspeed_config(per_rank, env.world_size),
+    hidden = engine.module.config.text_config.hidden_size
+    trl_ds = trl_deepspeed_config(per_rank, env.world_size, hidden, ours=args.trl_our_buckets)
+    trl_args = one.trl_config(args, tmp / "trl", deepspeed=trl_ds,
                               use_cpu=False, per_device_train_batch_size=per_rank,
                               accelerator_config={"use_configured_state": True})
     rows = [{"prompt": [{"role": "user", "content": p.problem.replace("<image>", "")}], "image": p.load_images()[0],
@@ -134,6 +162,13 @@ def worker(args) -> int:
         "trl_zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage,
         "trl_processes": trainer.accelerator.num_processes, "trl_train_batch": trainer.args.world_size * per_rank,
         "ours": engine.describe(), "threads": torch.get_num_threads(),
+        "zero3_settings": {"ours": engine._ds.config["zero_optimization"] if hasattr(engine._ds, "config") else None,
+                           "trl": {k: v for k, v in trainer.accelerator.state.deepspeed_plugin.deepspeed_config[
+                               "zero_optimization"].items()}},
+        "partitioned": {"ours_policy": partitioned(engine.module), "ours_reference": partitioned(reference.module),
+                        "trl_policy": partitioned(trainer.model_wrapped.module),
+                        "trl_reference": partitioned(trainer.ref_model.module if hasattr(trainer.ref_model, "module")
+                                                     else trainer.ref_model)},
     }))
     barrier(env)
     return 0
@@ -180,6 +215,7 @@ def launch(args, argv: list[str]) -> dict:
         "settings": vars(args) | {"completions_per_step": completions},
         "ours_engine": r0["ours"], "trl_engine": r0["trl_engine"], "trl_zero_stage": r0["trl_zero_stage"],
         "trl_processes": r0["trl_processes"], "trl_train_batch": r0["trl_train_batch"],
+        "partitioned": r0["partitioned"], "zero3_settings": r0["zero3_settings"],
         **summary,
         "goal_1_3x": one.goal_verdict(summary),
         "loss_on_equal_inputs": {"rank0": r0["loss"], "rank1": r1["loss"]},
@@ -196,6 +232,8 @@ def parse_args(argv=None):
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--image-size", type=int, default=56)
     parser.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: 1, 2 ranks on 2 cores)")
+    parser.add_argument("--trl-our-buckets", action="store_true",
+                        help="give TRL our stage's ZeRO-3 block for CPU ranks instead of the guides' 'auto' values")
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--out", default="bench/results/grpo_vs_trl_zero3.json")
     parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
