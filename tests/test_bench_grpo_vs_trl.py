@@ -87,10 +87,12 @@ def test_zero3_case_runs_both_sides_on_two_ranks_with_equal_loss():
     assert "deepspeed" in result["trl_engine"]
     assert result["trl_processes"] == 2 and result["ours_engine"]["worldSize"] == 2  # TRL on both ranks too
     assert result["trl_train_batch"] == 2 * 2  # the global batch: 2 prompts x 2 completions, as ours
-    # ZeRO-3 on both sides: every model partitions the same parameters (TRL with DeepSpeed's
-    # default persistence threshold once kept its whole tiny policy on every rank)
+    # ZeRO-3 on both sides: TRL's policy partitions what ours does (with DeepSpeed's default
+    # persistence threshold it once kept the whole tiny policy on every rank). TRL's reference
+    # stays whole under the guides' "auto" block (TRL reads the hidden size from the top-level
+    # config, which Qwen2.5-VL's lacks): in TRL's favour, and recorded.
     split = result["partitioned"]
     assert split["ours_policy"]["partitioned"] > 0
-    assert split["trl_policy"] == split["ours_policy"] == split["trl_reference"] == split["ours_reference"]
+    assert split["trl_policy"] == split["ours_policy"] == split["ours_reference"]
     for rank in ("rank0", "rank1"):
         assert_measured_and_equal(result, result["loss_on_equal_inputs"][rank])
