@@ -99,7 +99,7 @@ def decode_mask(attention: torch.Tensor, kernel: str | None, dtype: torch.dtype,
     L)``, True to attend for ``sdpa`` (None when no row is padded: no mask at all), 0 or
     the dtype's minimum added to the scores for ``eager``. These are the masks
     transformers would build from the 2-D one, which it otherwise does again at every
-    step (about a third of a tiny model's decoding time on CPU); a 4-D mask it uses as
+    step (about a tenth of a tiny model's decoding time on CPU); a 4-D mask it uses as
     it is. ``kernel`` None: the 2-D mask, for transformers to build.
     """
     if kernel == "sdpa":
